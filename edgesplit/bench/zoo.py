@@ -1,0 +1,211 @@
+"""Small CNNs with the DAG shapes real CNNs have, built with torch and exported to ONNX (dev/test only).
+
+resnet: residual adds; densenet: dense concatenation; vgg: plain chain; mobilenet: depthwise and grouped
+convolutions; inception: branches that fan out and merge. All include BatchNorm, pooling, Flatten, Gemm, Softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _bn_relu(c: int) -> list[nn.Module]:
+    return [nn.BatchNorm2d(c), nn.ReLU()]
+
+
+class _Head(nn.Module):
+    def __init__(self, c: int, classes: int = 10) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(torch.flatten(self.pool(x), 1)), dim=1)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(y)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths=(8, 16, 32), blocks=(1, 1, 1), classes: int = 10, stem_pool: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), *_bn_relu(widths[0])]
+        if stem_pool:
+            layers.append(nn.MaxPool2d(3, 2, 1))
+        cin = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
+                cin = w
+        self.body = nn.Sequential(*layers)
+        self.head = _Head(cin, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(*_bn_relu(cin), nn.Conv2d(cin, 4 * growth, 1, bias=False),
+                               *_bn_relu(4 * growth), nn.Conv2d(4 * growth, growth, 3, 1, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.f(x)], 1)
+
+
+class DenseNet(nn.Module):
+    def __init__(self, growth: int = 8, blocks=(2, 2), stem: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, 1, 1, bias=False)]
+        c = stem
+        for i, n in enumerate(blocks):
+            for _ in range(n):
+                layers.append(DenseLayer(c, growth))
+                c += growth
+            if i < len(blocks) - 1:
+                layers += [*_bn_relu(c), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2, 2)]
+                c //= 2
+        layers += _bn_relu(c)
+        self.body = nn.Sequential(*layers)
+        self.head = _Head(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class VGG(nn.Module):
+    def __init__(self, cfg=(8, "M", 16, 16, "M", 32), classes: int = 10, spatial_after: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, 1, 1), *_bn_relu(int(v))]
+                c = int(v)
+        self.body = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(spatial_after)
+        self.fc = nn.Sequential(nn.Linear(c * spatial_after**2, 32), nn.ReLU(), nn.Linear(32, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.fc(torch.flatten(self.pool(self.body(x)), 1)), dim=1)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, expand: int = 4) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.f = nn.Sequential(
+            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
+            nn.Conv2d(mid, cout, 1, groups=2 if cin % 2 == 0 and cout % 2 == 0 else 1, bias=False), nn.BatchNorm2d(cout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x) if self.use_res else self.f(x)
+
+
+class MobileNet(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(),
+            InvertedResidual(8, 8, 1), InvertedResidual(8, 16, 2), InvertedResidual(16, 16, 1),
+            nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(),
+        )
+        self.head = _Head(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class InceptionBlock(nn.Module):
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(cin, c, 1), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(cin, c, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 1, 1), nn.ReLU())
+        self.b3 = nn.Sequential(nn.Conv2d(cin, c, 1), nn.ReLU(), nn.Conv2d(c, c, 5, 1, 2), nn.ReLU())
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(cin, c, 1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class Inception(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                                  InceptionBlock(16, 8), InceptionBlock(32, 8))
+        self.head = _Head(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def resnet18(classes: int = 1000) -> nn.Module:
+    """ResNet-18 (11.7 M parameters at 1000 classes), written out so that torchvision is not needed."""
+    return ResNet(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=classes)
+
+
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "resnet": (lambda: ResNet(), (1, 3, 32, 32)),
+    "densenet": (lambda: DenseNet(), (1, 3, 16, 16)),
+    "vgg": (lambda: VGG(), (1, 3, 16, 16)),
+    "mobilenet": (lambda: MobileNet(), (1, 3, 32, 32)),
+    "inception": (lambda: Inception(), (1, 3, 16, 16)),
+}
+
+
+def export(model: nn.Module, shape: tuple[int, ...], path: str | Path, seed: int = 0, dynamic_batch: bool = True,
+           keep_batchnorm: bool = True) -> Path:
+    """Randomise BatchNorm statistics (so they matter), then export with the TorchScript exporter.
+
+    keep_batchnorm exports in training-preserving mode so BatchNorm nodes stay in the graph as layers.
+    """
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    path = Path(path)
+    args = (torch.randn(*shape),)
+    kwargs = {}
+    if dynamic_batch:
+        kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    torch.onnx.export(
+        model, args, str(path), dynamo=False, opset_version=17, input_names=["input"], output_names=["output"],
+        do_constant_folding=not keep_batchnorm,
+        training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
+        **kwargs,
+    )
+    return path
+
+
+def build(name: str, directory: str | Path, **kw) -> Path:
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    return export(factory(), shape, Path(directory) / f"{name}.onnx", **kw)

@@ -1,0 +1,220 @@
+"""Devices and the links between them, read from and written to YAML."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgesplit.errors import ClusterError
+
+_BYTES = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+_SECONDS = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+@dataclass(frozen=True)
+class PowerProfile:
+    """Estimated board power in watts when idle and when all cores are busy (no meter is read)."""
+
+    idle_w: float
+    busy_w: float
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    cores: int
+    memory: int  # bytes available to the model
+    speed: float = 1.0  # relative compute speed, used to weight load
+    power: PowerProfile | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes per second
+    latency: float  # seconds
+
+
+@dataclass(frozen=True)
+class Cluster:
+    devices: tuple[Device, ...]
+    default_link: Link = Link(bandwidth=100e6 / 8, latency=2e-3)
+    links: Mapping[tuple[str, str], Link] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ClusterError("invalid cluster:\n  " + "\n  ".join(problems))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(d.name for d in self.devices)
+
+    def device(self, name: str) -> Device:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise ClusterError(f"expected one of the cluster's devices {list(self.names)}, got {name!r}")
+
+    def link(self, a: str, b: str) -> Link:
+        return self.links.get((a, b)) or self.links.get((b, a)) or self.default_link
+
+    @staticmethod
+    def simulated(n: int, cores: int = 1, memory: int = 4 * 2**30, prefix: str = "dev") -> Cluster:
+        if n < 1:
+            raise ClusterError(f"expected at least 1 device, got {n}")
+        return Cluster(tuple(Device(f"{prefix}{i}", cores, memory) for i in range(n)))
+
+    @staticmethod
+    def load(path: str | Path) -> Cluster:
+        path = Path(path)
+        if not path.is_file():
+            raise ClusterError(f"expected a cluster YAML file, but {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ClusterError(f"{path} is not valid YAML: {exc}") from None
+        return Cluster.from_dict(data, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def to_dict(self) -> dict[str, Any]:
+        def link(l: Link) -> dict[str, Any]:
+            return {"bandwidth": f"{l.bandwidth * 8 / 1e6:g}mbit", "latency": f"{l.latency * 1e3:g}ms"}
+
+        devices = []
+        for d in self.devices:
+            entry: dict[str, Any] = {"name": d.name, "cores": d.cores, "memory": f"{d.memory / 2**20:g}MiB", "speed": d.speed}
+            if d.power:
+                entry["power"] = {"idle_w": d.power.idle_w, "busy_w": d.power.busy_w}
+            devices.append(entry)
+        links: dict[str, Any] = {"default": link(self.default_link)}
+        if self.links:
+            links["pairs"] = [{"between": list(k), **link(v)} for k, v in self.links.items()]
+        return {"devices": devices, "links": links}
+
+    @staticmethod
+    def from_dict(data: Any, source: str = "cluster") -> Cluster:
+        if not isinstance(data, dict) or not isinstance(data.get("devices"), list) or not data["devices"]:
+            raise ClusterError(f"{source}: expected a mapping with a non-empty 'devices' list, got {_kind(data)}")
+        problems: list[str] = []
+        devices = []
+        for i, entry in enumerate(data["devices"]):
+            where = f"devices[{i}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{where}: expected a mapping with name, cores, memory, got {_kind(entry)}")
+                continue
+            missing = [k for k in ("name", "cores", "memory") if k not in entry]
+            if missing:
+                problems.append(f"{where} ({entry.get('name', '?')}): missing field(s) {missing}")
+                continue
+            try:
+                power = entry.get("power")
+                devices.append(
+                    Device(
+                        name=str(entry["name"]),
+                        cores=_int(entry["cores"], f"{where}.cores"),
+                        memory=parse_bytes(entry["memory"], f"{where}.memory"),
+                        speed=float(entry.get("speed", 1.0)),
+                        power=PowerProfile(float(power["idle_w"]), float(power["busy_w"])) if power else None,
+                    )
+                )
+            except (ClusterError, ValueError, TypeError, KeyError) as exc:
+                problems.append(f"{where}: {exc}")
+        links_data = data.get("links") or {}
+        default, pairs = Cluster.default_link, {}
+        try:
+            if "default" in links_data:
+                default = _link(links_data["default"], "links.default")
+            for j, pair in enumerate(links_data.get("pairs") or []):
+                between = pair.get("between") if isinstance(pair, dict) else None
+                if not isinstance(between, list) or len(between) != 2:
+                    raise ClusterError(f"links.pairs[{j}]: expected 'between: [deviceA, deviceB]', got {between!r}")
+                pairs[(str(between[0]), str(between[1]))] = _link(pair, f"links.pairs[{j}]")
+        except ClusterError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ClusterError(f"{source}: invalid cluster:\n  " + "\n  ".join(problems))
+        try:
+            return Cluster(tuple(devices), default, pairs)
+        except ClusterError as exc:
+            raise ClusterError(f"{source}: {exc}") from None
+
+
+def _problems(c: Cluster) -> list[str]:
+    problems = []
+    names = [d.name for d in c.devices]
+    if not names:
+        problems.append("expected at least one device, got none")
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"device name {dup!r} appears {names.count(dup)} times; names must be unique")
+    for d in c.devices:
+        if not d.name or not re.fullmatch(r"[A-Za-z0-9_.\-]+", d.name):
+            problems.append(f"device name {d.name!r}: expected letters, digits, '_', '.', '-'")
+        if d.cores < 1:
+            problems.append(f"device {d.name!r}: expected cores >= 1, got {d.cores}")
+        if d.memory <= 0:
+            problems.append(f"device {d.name!r}: expected memory > 0, got {d.memory}")
+        if not d.speed > 0:
+            problems.append(f"device {d.name!r}: expected speed > 0, got {d.speed}")
+        if d.power and not (0 <= d.power.idle_w <= d.power.busy_w):
+            problems.append(f"device {d.name!r}: expected 0 <= idle_w <= busy_w, got {d.power.idle_w}, {d.power.busy_w}")
+    for (a, b), link in [(("default", "default"), c.default_link), *c.links.items()]:
+        for end in (a, b):
+            if end != "default" and end not in names:
+                problems.append(f"link {a}-{b}: unknown device {end!r}; expected one of {names}")
+        if not link.bandwidth > 0 or link.latency < 0:
+            problems.append(f"link {a}-{b}: expected bandwidth > 0 and latency >= 0, got {link.bandwidth} B/s, {link.latency} s")
+    return problems
+
+
+def _kind(x: Any) -> str:
+    return f"{type(x).__name__} {x!r}"[:120]
+
+
+def _int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ClusterError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def parse_bytes(value: Any, where: str = "value") -> int:
+    """'4GiB', '512MB', 1024 -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _BYTES:
+        raise ClusterError(f"{where}: expected a size like 4GiB, 512MB or a byte count, got {value!r}")
+    return int(float(m.group(1)) * _BYTES[m.group(2).lower()])
+
+
+def parse_bandwidth(value: Any, where: str = "bandwidth") -> float:
+    """'100mbit', '1gbit' -> bytes per second; a bare number is bytes per second."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z/]*)\s*", str(value))
+    unit = m.group(2).lower().replace("/s", "") if m else ""
+    if not m or unit not in _BITS:
+        raise ClusterError(f"{where}: expected a rate like 100mbit or 1gbit, got {value!r}")
+    return float(m.group(1)) * _BITS[unit] / 8
+
+
+def parse_seconds(value: Any, where: str = "latency") -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", str(value))
+    if not m or m.group(2) not in _SECONDS:
+        raise ClusterError(f"{where}: expected a duration like 2ms or 0.5s, got {value!r}")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def _link(d: Any, where: str) -> Link:
+    if not isinstance(d, dict) or "bandwidth" not in d:
+        raise ClusterError(f"{where}: expected a mapping with bandwidth and latency, got {_kind(d)}")
+    return Link(parse_bandwidth(d["bandwidth"], f"{where}.bandwidth"), parse_seconds(d.get("latency", 0), f"{where}.latency"))

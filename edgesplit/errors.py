@@ -1,0 +1,38 @@
+"""User-facing errors. Each message says what was expected and what was given."""
+
+
+class EdgesplitError(Exception):
+    """An error caused by the user's input; the CLI prints it without a traceback."""
+
+
+class ModelError(EdgesplitError):
+    """The ONNX model cannot be loaded, checked or shape-inferred."""
+
+
+class ClusterError(EdgesplitError):
+    """The cluster description is incomplete or impossible."""
+
+
+class MappingError(EdgesplitError):
+    """A user mapping does not fit the model or the cluster."""
+
+
+class PlacementError(EdgesplitError):
+    """No placement satisfies the devices' budgets."""
+
+
+class PlanError(EdgesplitError):
+    """A plan directory is invalid, stale or tampered with."""
+
+
+class InputError(EdgesplitError):
+    """Run inputs do not match the model's declared inputs."""
+
+
+class DeviceFailedError(EdgesplitError):
+    """A request needs a stage on a device in the failure set and no fallback exists."""
+
+    def __init__(self, device: str, stage: str, message: str | None = None) -> None:
+        self.device = device
+        self.stage = stage
+        super().__init__(message or f"device {device!r} is down and stage {stage!r} has no replica or fallback")

@@ -1,0 +1,357 @@
+"""load: an ONNX model becomes a `Graph` with shapes, byte sizes, parameters and MACs per layer."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgesplit.errors import ModelError
+
+Dim = int | str
+REGIONS_KEY = "edgesplit.regions"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One value of the graph. Symbolic dims stay symbolic; `nbytes` counts them as `dims` says (1 if unset)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    nbytes: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "bytes": self.nbytes}
+
+    @staticmethod
+    def from_dict(d: Mapping) -> TensorInfo:
+        return TensorInfo(d["name"], d["dtype"], tuple(d["shape"]), int(d["bytes"]))
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One node of the graph. `inputs` are activations (incl. outer-scope refs of subgraphs), `weights` initializers."""
+
+    name: str
+    op_type: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    weights: tuple[str, ...]
+    params: int
+    param_bytes: int
+    macs: int
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A shape-inferred ONNX model with stable node names, in topological order."""
+
+    model: onnx.ModelProto
+    layers: tuple[Layer, ...]
+    tensors: Mapping[str, TensorInfo]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sha256: str
+    name: str = "model"
+    path: str = ""  # where it was loaded from, if a file
+    regions: tuple[dict, ...] = ()
+    _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index.update({layer.name: i for i, layer in enumerate(self.layers)})
+
+    def layer(self, name: str) -> Layer:
+        return self.layers[self._index[name]]
+
+    def position(self, name: str) -> int:
+        return self._index[name]
+
+    def has_layer(self, name: str) -> bool:
+        return name in self._index
+
+    @property
+    def initializers(self) -> dict[str, onnx.TensorProto]:
+        return {t.name: t for t in self.model.graph.initializer}
+
+    def producers(self) -> dict[str, str]:
+        return {t: layer.name for layer in self.layers for t in layer.outputs}
+
+    def consumers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = defaultdict(list)
+        for layer in self.layers:
+            for t in dict.fromkeys(layer.inputs):
+                out[t].append(layer.name)
+        return out
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def total_param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+
+def load(source: str | Path | onnx.ModelProto, dims: Mapping[str, int] | None = None) -> Graph:
+    """Load, check and shape-infer an ONNX model (opset >= 13, external data allowed)."""
+    if isinstance(source, onnx.ModelProto):
+        model, name, digest = source, source.graph.name or "model", _sha256_bytes(source.SerializeToString())
+    else:
+        model, name, digest = _read(Path(source))
+    graph = from_model(model, dims=dims, name=name, sha256=digest)
+    return graph if isinstance(source, onnx.ModelProto) else replace(graph, path=str(Path(source).resolve()))
+
+
+def from_model(
+    model: onnx.ModelProto, dims: Mapping[str, int] | None = None, name: str = "model", sha256: str | None = None
+) -> Graph:
+    """Build a Graph from an in-memory model (used by load and by every rewrite)."""
+    model = _fold_constants(_stable_names(model))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"expected an ONNX model with opset >= 13, got opset {opset}; convert it with onnx.version_converter")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:  # onnx raises several exception types for inference failures
+        raise ModelError(f"shape inference failed: {_first_line(exc)}") from None
+    tensors = _tensor_infos(inferred, dims or {})
+    layers = _layers(inferred, tensors)
+    digest = sha256 or _sha256_bytes(model.SerializeToString())
+    regions = tuple(json.loads(p.value) for p in inferred.metadata_props if p.key == REGIONS_KEY)
+    regions = regions[0] if regions else ()
+    return Graph(
+        model=inferred,
+        layers=layers,
+        tensors=tensors,
+        inputs=tuple(i.name for i in inferred.graph.input if i.name not in {t.name for t in inferred.graph.initializer}),
+        outputs=tuple(o.name for o in inferred.graph.output),
+        sha256=digest,
+        name=name,
+        regions=tuple(regions),
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if len(text) < 400 else text[:400] + "..."
+
+
+def _read(path: Path) -> tuple[onnx.ModelProto, str, str]:
+    if not path.is_file():
+        raise ModelError(f"expected an ONNX model file, but {str(path)!r} does not exist or is not a file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise ModelError(f"{path} is not an ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path} is not an ONNX model with a graph (no nodes found)")
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read its external data: {_first_line(exc)}") from None
+    return model, path.stem, sha256_file(path)
+
+
+def _stable_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every node a unique, deterministic name: keep good names, name the rest `<OpType>_<index>`."""
+    seen: set[str] = set()
+    needs = False
+    for node in model.graph.node:
+        if not node.name or node.name in seen:
+            needs = True
+            break
+        seen.add(node.name)
+    if not needs:
+        return model
+    model = _copy(model)
+    taken = {n.name for n in model.graph.node if n.name}
+    used: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if node.name and node.name not in used:
+            used.add(node.name)
+            continue
+        base = f"{node.op_type}_{i}" if not node.name else node.name
+        candidate, k = base, 1
+        while candidate in used or (candidate in taken and candidate != node.name):
+            k += 1
+            candidate = f"{base}_{k}"
+        node.name = candidate
+        used.add(candidate)
+    return model
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn top-level Constant nodes into initializers: constants are copied to every stage that needs them."""
+    if not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return model
+    model = _copy(model)
+    keep, new_inits = [], []
+    for node in model.graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if value is None:
+            keep.append(node)
+        else:
+            new_inits.append(value)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    model.graph.initializer.extend(new_inits)
+    return model
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    out = node.output[0]
+    for attr in node.attribute:
+        if attr.name == "value":
+            t = onnx.TensorProto()
+            t.CopyFrom(attr.t)
+            t.name = out
+            return t
+        scalar = {
+            "value_float": (np.float32, lambda a: a.f),
+            "value_floats": (np.float32, lambda a: list(a.floats)),
+            "value_int": (np.int64, lambda a: a.i),
+            "value_ints": (np.int64, lambda a: list(a.ints)),
+        }.get(attr.name)
+        if scalar:
+            dtype, get = scalar
+            return numpy_helper.from_array(np.array(get(attr), dtype=dtype), out)
+    return None
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def _value_infos(model: onnx.ModelProto) -> Iterable[onnx.ValueInfoProto]:
+    yield from model.graph.input
+    yield from model.graph.value_info
+    yield from model.graph.output
+
+
+def _tensor_infos(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, TensorInfo]:
+    infos: dict[str, TensorInfo] = {}
+    for t in model.graph.initializer:
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        shape = tuple(int(d) for d in t.dims)
+        infos[t.name] = TensorInfo(t.name, np.dtype(dtype).name, shape, _nbytes(shape, dtype, dims))
+    for vi in _value_infos(model):
+        if vi.name in infos or not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        if tt.elem_type == 0 or not tt.HasField("shape"):
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
+        )
+        infos[vi.name] = TensorInfo(vi.name, np.dtype(dtype).name, shape, _nbytes(shape, dtype, dims))
+    for node in model.graph.node:
+        for out in node.output:
+            if out and out not in infos:
+                raise ModelError(
+                    f"cannot infer the shape of tensor {out!r} (output {list(node.output).index(out)} of node "
+                    f"{node.name!r}, {node.op_type}); expected every tensor to have a known type and rank"
+                )
+    return infos
+
+
+def _nbytes(shape: tuple[Dim, ...], dtype: np.dtype, dims: Mapping[str, int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d if isinstance(d, int) else dims.get(d, 1)
+    return n * np.dtype(dtype).itemsize
+
+
+def node_references(node: onnx.NodeProto) -> list[str]:
+    """Every tensor name the node reads: its inputs plus outer-scope names used inside its subgraphs."""
+    refs = [i for i in node.input if i]
+    for attr in node.attribute:
+        for g in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            refs.extend(_outer_refs(g))
+    return list(dict.fromkeys(refs))
+
+
+def _outer_refs(graph: onnx.GraphProto) -> list[str]:
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    refs: list[str] = []
+    for node in graph.node:
+        refs.extend(r for r in node_references(node) if r not in local)
+        local.update(o for o in node.output if o)
+    return refs
+
+
+def _layers(model: onnx.ModelProto, tensors: Mapping[str, TensorInfo]) -> tuple[Layer, ...]:
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        refs = node_references(node)
+        weights = tuple(r for r in refs if r in inits)
+        params = sum(math.prod(inits[w].dims) for w in weights)
+        param_bytes = sum(tensors[w].nbytes for w in weights)
+        layers.append(
+            Layer(
+                name=node.name,
+                op_type=node.op_type,
+                inputs=tuple(r for r in refs if r not in inits),
+                outputs=tuple(o for o in node.output if o),
+                weights=weights,
+                params=params,
+                param_bytes=param_bytes,
+                macs=_macs(node, tensors),
+            )
+        )
+    return tuple(layers)
+
+
+def _numel(info: TensorInfo) -> int:
+    return math.prod(d if isinstance(d, int) else 1 for d in info.shape)
+
+
+def _macs(node: onnx.NodeProto, tensors: Mapping[str, TensorInfo]) -> int:
+    op = node.op_type
+    try:
+        if op == "Conv":
+            w = tensors[node.input[1]].shape
+            return _numel(tensors[node.output[0]]) * math.prod(int(d) for d in w[1:])
+        if op == "ConvTranspose":
+            w = tensors[node.input[1]].shape
+            return _numel(tensors[node.input[0]]) * math.prod(int(d) for d in w[1:])
+        if op in ("Gemm", "MatMul"):
+            a = tensors[node.input[0]].shape
+            trans_a = next((x.i for x in node.attribute if x.name == "transA"), 0)
+            k = a[-2] if (op == "Gemm" and trans_a) else a[-1]
+            return _numel(tensors[node.output[0]]) * (k if isinstance(k, int) else 1)
+    except (KeyError, IndexError, ValueError):
+        return 0
+    return 0

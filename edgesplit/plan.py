@@ -1,0 +1,428 @@
+"""cut: a placement becomes a Plan of stages (one ONNX file each) and transfers; save, load, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import PlanError
+from edgesplit.graph import Graph, TensorInfo, node_references
+
+FORMAT = "edgesplit-plan/1"
+SOURCE = "@input"  # the requester, who feeds graph inputs
+SINK = "@output"  # the requester, who collects graph outputs
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    device: str
+    layers: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    param_bytes: int
+    macs: int
+    sha256: str
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor moving from a stage (or the requester) to a stage (or the requester)."""
+
+    tensor: str
+    src: str
+    dst: str
+    nbytes: int
+    cross_device: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    model_name: str
+    model_sha256: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    cluster: Cluster
+    placement: Mapping[str, str]
+    stages: tuple[Stage, ...]
+    transfers: tuple[Transfer, ...]
+    stage_models: Mapping[str, bytes] = field(repr=False, compare=False)
+    regions: tuple[dict, ...] = ()
+    model_path: str = ""
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise PlanError(f"expected a stage of this plan ({[s.name for s in self.stages]}), got {name!r}")
+
+    def device_stages(self, device: str) -> tuple[Stage, ...]:
+        return tuple(s for s in self.stages if s.device == device)
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.device for s in self.stages))
+
+    @property
+    def cross_device_transfers(self) -> tuple[Transfer, ...]:
+        return tuple(t for t in self.transfers if t.cross_device)
+
+    def wire_bytes(self) -> int:
+        """Bytes crossing between devices per inference (the requester's feeds and results not included)."""
+        return sum(t.nbytes for t in self.transfers if t.cross_device and SOURCE not in (t.src, t.dst) and SINK not in (t.src, t.dst))
+
+    def stage_model(self, name: str) -> onnx.ModelProto:
+        return onnx.load_from_string(self.stage_models[name])
+
+    def validate(self) -> list[str]:
+        """Every structural problem at once (empty list: valid)."""
+        problems: list[str] = []
+        names = [s.name for s in self.stages]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(f"stage name {dup!r} is used twice")
+        for s in self.stages:
+            if s.device not in self.cluster.names:
+                problems.append(f"stage {s.name!r} is on device {s.device!r}, which the cluster lacks")
+            if s.name not in self.stage_models:
+                problems.append(f"stage {s.name!r} has no ONNX model")
+            elif hashlib.sha256(self.stage_models[s.name]).hexdigest() != s.sha256:
+                problems.append(f"stage {s.name!r}: its ONNX file's sha256 does not match plan.json (stale or tampered)")
+        produced = {t.name for t in self.inputs}
+        producer = {}
+        for s in self.stages:
+            for t in s.outputs:
+                producer.setdefault(t, s.name)
+        for s in self.stages:
+            for t in s.inputs:
+                if t not in produced and t not in producer:
+                    problems.append(f"stage {s.name!r} needs tensor {t!r}, which no stage produces and is not a model input")
+        for out in self.outputs:
+            if out.name not in producer and out.name not in produced:
+                problems.append(f"model output {out.name!r} is produced by no stage")
+        if not problems and (cycle := _find_cycle(self)):
+            problems.append("stage graph has a cycle: " + " -> ".join(cycle))
+        return problems
+
+    def order(self) -> tuple[Stage, ...]:
+        """Stages in an order where every stage comes after the stages it reads from."""
+        return tuple(self.stages)  # cut() emits them topologically; validate() checks acyclicity
+
+    def save(self, directory: str | Path) -> Path:
+        """Write plan.json and one ONNX file per stage; atomic: nothing half-written on failure."""
+        directory = Path(directory)
+        if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir()) or (directory / "plan.json").exists())):
+            raise PlanError(f"expected {directory} to be a new directory, an empty one or an existing plan; it is something else")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            for s in self.stages:
+                (tmp / s.file).write_bytes(self.stage_models[s.name])
+            (tmp / "plan.json").write_text(json.dumps(self.to_dict(), indent=1))
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "model": {"name": self.model_name, "sha256": self.model_sha256, "path": self.model_path},
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "cluster": self.cluster.to_dict(),
+            "placement": dict(self.placement),
+            "stages": [
+                {
+                    "name": s.name,
+                    "device": s.device,
+                    "file": s.file,
+                    "sha256": s.sha256,
+                    "layers": list(s.layers),
+                    "inputs": list(s.inputs),
+                    "outputs": list(s.outputs),
+                    "param_bytes": s.param_bytes,
+                    "macs": s.macs,
+                }
+                for s in self.stages
+            ],
+            "transfers": [
+                {"tensor": t.tensor, "src": t.src, "dst": t.dst, "bytes": t.nbytes, "cross_device": t.cross_device}
+                for t in self.transfers
+            ],
+            "regions": list(self.regions),
+        }
+
+    @staticmethod
+    def load(directory: str | Path) -> Plan:
+        """Read a plan directory and refuse it if any stage file is missing, stale or tampered with."""
+        directory = Path(directory)
+        path = directory / "plan.json"
+        if not path.is_file():
+            raise PlanError(f"expected a plan directory containing plan.json, got {str(directory)!r}")
+        try:
+            d = json.loads(path.read_text())
+            if d.get("format") != FORMAT:
+                raise PlanError(f"{path}: expected format {FORMAT!r}, got {d.get('format')!r}")
+            stages = tuple(
+                Stage(s["name"], s["device"], tuple(s["layers"]), tuple(s["inputs"]), tuple(s["outputs"]),
+                      int(s["param_bytes"]), int(s["macs"]), s["sha256"])
+                for s in d["stages"]
+            )
+            plan_models = {}
+            for s in stages:
+                f = directory / s.file
+                if not f.is_file():
+                    raise PlanError(f"{directory}: stage file {s.file} is missing")
+                plan_models[s.name] = f.read_bytes()
+            plan = Plan(
+                model_name=d["model"]["name"],
+                model_sha256=d["model"]["sha256"],
+                inputs=tuple(TensorInfo.from_dict(t) for t in d["inputs"]),
+                outputs=tuple(TensorInfo.from_dict(t) for t in d["outputs"]),
+                cluster=Cluster.from_dict(d["cluster"], source=f"{path} cluster"),
+                placement=dict(d["placement"]),
+                stages=stages,
+                transfers=tuple(Transfer(t["tensor"], t["src"], t["dst"], int(t["bytes"]), bool(t["cross_device"])) for t in d["transfers"]),
+                stage_models=plan_models,
+                regions=tuple(d.get("regions", ())),
+                model_path=d["model"].get("path", ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{path} is not a valid plan: missing or malformed field ({type(exc).__name__}: {exc})") from None
+        problems = plan.validate()
+        if problems:
+            raise PlanError(f"refusing plan {directory}:\n  " + "\n  ".join(problems))
+        return plan
+
+
+def _find_cycle(plan: Plan) -> list[str]:
+    producer = {t: s.name for s in plan.stages for t in s.outputs}
+    deps = {s.name: {producer[t] for t in s.inputs if t in producer} for s in plan.stages}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str]:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(deps[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (c := visit(m)):
+                return c
+        stack.pop()
+        state[n] = 2
+        return []
+
+    for s in plan.stages:
+        if s.name not in state and (c := visit(s.name)):
+            return c
+    return []
+
+
+def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
+    """Turn a complete placement into stages whose dependency graph is a DAG, and the transfers between them."""
+    groups = _stage_groups(graph, placement)
+    producer_stage: dict[str, int] = {}
+    for idx, (_, members) in enumerate(groups):
+        for name in members:
+            for t in graph.layer(name).outputs:
+                producer_stage[t] = idx
+    consumers: dict[str, set[int]] = defaultdict(set)
+    for idx, (_, members) in enumerate(groups):
+        for name in members:
+            for t in graph.layer(name).inputs:
+                if producer_stage.get(t) != idx:
+                    consumers[t].add(idx)
+    graph_outputs = set(graph.outputs)
+    names = [f"s{i}_{device}" for i, (device, _) in enumerate(groups)]
+    stages, models, transfers = [], {}, []
+    for idx, (device, members) in enumerate(groups):
+        member_set = set(members)
+        ins = list(dict.fromkeys(t for n in members for t in graph.layer(n).inputs if producer_stage.get(t) != idx))
+        outs = [t for n in members for t in graph.layer(n).outputs
+                if t in graph_outputs or any(c != idx for c in consumers.get(t, ()))]
+        data = _stage_model(graph, [n for n in (l.name for l in graph.layers) if n in member_set], ins, outs, names[idx])
+        models[names[idx]] = data
+        stages.append(Stage(
+            name=names[idx], device=device, layers=tuple(members), inputs=tuple(ins), outputs=tuple(outs),
+            param_bytes=sum(graph.tensors[w].nbytes for w in {w for n in members for w in graph.layer(n).weights}),
+            macs=sum(graph.layer(n).macs for n in members), sha256=hashlib.sha256(data).hexdigest(),
+        ))
+        for t in ins:
+            src = producer_stage.get(t)
+            src_name, src_device = (SOURCE, None) if src is None else (names[src], groups[src][0])
+            transfers.append(Transfer(t, src_name, names[idx], graph.tensors[t].nbytes, src_device != device))
+    for t in graph.outputs:
+        src = producer_stage.get(t)
+        transfers.append(Transfer(t, SOURCE if src is None else names[src], SINK, graph.tensors[t].nbytes, True))
+    tensor = graph.tensors
+    return Plan(
+        model_name=graph.name,
+        model_sha256=graph.sha256,
+        inputs=tuple(tensor[t] for t in graph.inputs),
+        outputs=tuple(tensor[t] for t in graph.outputs),
+        cluster=cluster,
+        placement=dict(placement),
+        stages=tuple(stages),
+        transfers=tuple(transfers),
+        stage_models=models,
+        regions=graph.regions,
+        model_path=graph.path,
+    )
+
+
+def _stage_groups(graph: Graph, placement: Mapping[str, str]) -> list[tuple[str, list[str]]]:
+    """Group layers into stages: same device, connected, and the stage graph acyclic.
+
+    rank(n) counts device changes along the longest path into n; edges only go to equal-or-higher rank, and
+    between devices to strictly higher rank, so grouping by (device, rank) is acyclic. Then same-device
+    neighbours are merged while the stage graph stays acyclic.
+    """
+    producer = graph.producers()
+    rank: dict[str, int] = {}
+    for layer in graph.layers:
+        dev = placement[layer.name]
+        rank[layer.name] = max(
+            (rank[producer[t]] + (placement[producer[t]] != dev) for t in layer.inputs if t in producer), default=0
+        )
+    # connected components within each (device, rank)
+    parent = {layer.name: layer.name for layer in graph.layers}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for layer in graph.layers:
+        for t in layer.inputs:
+            p = producer.get(t)
+            if p and placement[p] == placement[layer.name] and rank[p] == rank[layer.name]:
+                parent[find(layer.name)] = find(p)
+    group_of = {layer.name: find(layer.name) for layer in graph.layers}
+    edges: dict[str, set[str]] = defaultdict(set)
+    for layer in graph.layers:
+        for t in layer.inputs:
+            p = producer.get(t)
+            if p and group_of[p] != group_of[layer.name]:
+                edges[group_of[p]].add(group_of[layer.name])
+    roots = list(dict.fromkeys(group_of[l.name] for l in graph.layers))
+    device = {r: placement[r] for r in roots}
+    merged = _merge_same_device(roots, edges, device)
+    members: dict[str, list[str]] = defaultdict(list)
+    for layer in graph.layers:
+        members[merged[group_of[layer.name]]].append(layer.name)
+    stage_edges: dict[str, set[str]] = defaultdict(set)
+    for a, bs in edges.items():
+        stage_edges[merged[a]].update(merged[b] for b in bs if merged[b] != merged[a])
+    order = _topological(list(members), stage_edges, [graph.position(m[0]) for m in members.values()])
+    return [(placement[members[g][0]], members[g]) for g in order]
+
+
+def _merge_same_device(roots: list[str], edges: Mapping[str, set[str]], device: Mapping[str, str]) -> dict[str, str]:
+    """Contract edges between same-device groups when the contraction keeps the group graph acyclic."""
+    rep = {r: r for r in roots}
+    succ: dict[str, set[str]] = {r: set(edges.get(r, ())) for r in roots}
+
+    def find(x: str) -> str:
+        while rep[x] != x:
+            x = rep[x]
+        return x
+
+    def reaches(a: str, b: str, skip_direct: bool) -> bool:
+        """Is there a path a -> ... -> b of length >= 2 (through another group)?"""
+        stack = [s for s in succ[a] if not (skip_direct and s == b)]
+        seen = set(stack)
+        while stack:
+            x = stack.pop()
+            if x == b:
+                return True
+            for y in succ[x]:
+                if y not in seen:
+                    seen.add(y)
+                    stack.append(y)
+        return False
+
+    changed = True
+    while changed:
+        changed = False
+        for a in list(succ):
+            for b in list(succ.get(a, ())):
+                if a == b or device[a] != device[b] or reaches(a, b, skip_direct=True):
+                    continue
+                # merge b into a
+                rep[b] = a
+                succ[a] = (succ[a] | succ.pop(b)) - {a, b}
+                for x in succ:
+                    if b in succ[x]:
+                        succ[x] = (succ[x] - {b}) | ({a} if x != a else set())
+                changed = True
+                break
+            if changed:
+                break
+    return {r: find(r) for r in roots}
+
+
+def _topological(nodes: list[str], succ: Mapping[str, set[str]], key: list[int]) -> list[str]:
+    import heapq
+
+    priority = dict(zip(nodes, key))
+    indeg = {n: 0 for n in nodes}
+    for a in nodes:
+        for b in succ.get(a, ()):
+            indeg[b] += 1
+    heap = [(priority[n], n) for n in nodes if indeg[n] == 0]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        _, n = heapq.heappop(heap)
+        out.append(n)
+        for b in succ.get(n, ()):
+            indeg[b] -= 1
+            if indeg[b] == 0:
+                heapq.heappush(heap, (priority[b], b))
+    if len(out) != len(nodes):
+        raise PlanError("internal error: stage graph is cyclic after grouping")
+    return out
+
+
+def _stage_model(graph: Graph, layers: list[str], inputs: list[str], outputs: list[str], name: str) -> bytes:
+    src = graph.model
+    wanted = set(layers)
+    nodes = [n for n in src.graph.node if n.name in wanted]
+    inits = graph.initializers
+    needed = list(dict.fromkeys(r for n in nodes for r in node_references(n) if r in inits))
+    vi = {v.name: v for v in (*src.graph.input, *src.graph.value_info, *src.graph.output)}
+    internal = {o for n in nodes for o in n.output} - set(outputs)
+    g = helper.make_graph(
+        nodes,
+        name,
+        [vi[t] for t in inputs],
+        [vi[t] for t in outputs],
+        initializer=[inits[t] for t in needed],
+        value_info=[vi[t] for t in internal if t in vi],
+    )
+    model = helper.make_model(g, opset_imports=src.opset_import, ir_version=src.ir_version, producer_name="edgesplit")
+    return model.SerializeToString()
