@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,8 +13,9 @@ from rich.console import Console
 
 from edgesplit.errors import EdgesplitError, InputError
 
-console = Console()
-err_console = Console(stderr=True)
+_WIDTH = shutil.get_terminal_size((140, 40)).columns  # wide tables when output is not a terminal
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
 
 
 class _Group(click.Group):

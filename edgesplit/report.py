@@ -36,7 +36,7 @@ def graph_rows(graph: Graph) -> list[dict[str, Any]]:
 def graph_table(graph: Graph) -> Table:
     table = Table(title=f"{graph.name}: {len(graph.layers)} layers", show_footer=True)
     rows = graph_rows(graph)
-    table.add_column("layer", footer="total")
+    table.add_column("layer", footer="total", overflow="fold")
     table.add_column("op")
     table.add_column("output shape")
     table.add_column("params", justify="right", footer=f"{graph.total_params:,}")
@@ -95,7 +95,7 @@ def transfer_table(plan: Plan) -> Table:
     device_of = {s.name: s.device for s in plan.stages}
     table = Table(title="transfers between devices (per inference, batch 1)")
     for col in ("tensor", "from", "to", "bytes"):
-        table.add_column(col, justify="right" if col == "bytes" else "left")
+        table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for t in plan.transfers:
         if t.cross_device and SOURCE not in (t.src, t.dst) and SINK not in (t.src, t.dst):
             table.add_row(t.tensor, f"{t.src} ({device_of[t.src]})", f"{t.dst} ({device_of[t.dst]})", human_bytes(t.nbytes))

@@ -1,0 +1,124 @@
+"""Core benchmarks (issue 2): local-executor overhead, balance quality, partitioning time of a ~1000-layer model.
+
+python benchmarks/bench_core.py [--repeats 60] [--quick]
+Writes benchmarks/results/core.json and core.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import edgesplit
+from edgesplit.bench import zoo
+from edgesplit.bench.harness import interleaved_medians, markdown_table, write_report
+from edgesplit.place import balance
+from edgesplit.runtime import random_inputs
+from edgesplit.runtime.common import session_options
+
+THREADS = 2
+
+
+def overhead(model: Path, repeats: int) -> list[dict]:
+    graph = edgesplit.load(model)
+    x = random_inputs(graph_inputs := tuple(graph.tensors[t] for t in graph.inputs))
+    whole = ort.InferenceSession(str(model), session_options(THREADS), providers=["CPUExecutionProvider"])
+    plans = {
+        "1 stage": edgesplit.partition(graph, edgesplit.Cluster.simulated(1)),
+        "4 stages": edgesplit.partition(graph, edgesplit.Cluster.simulated(4)),
+    }
+    runners = {"whole model (onnxruntime)": lambda: whole.run(None, x)}
+    for label, plan in plans.items():
+        ex = edgesplit.LocalExecutor(plan, threads=THREADS)
+        runners[label] = lambda ex=ex: ex.run(x)
+    medians = interleaved_medians(runners, repeats)
+    base = medians["whole model (onnxruntime)"]
+    goals = {"1 stage": 1.05, "4 stages": 1.15}
+    rows = [{"plan": "whole model (onnxruntime)", "stages": 1, "median_ms": base * 1e3, "ratio": 1.0, "goal": None}]
+    for label, plan in plans.items():
+        rows.append({"plan": label, "stages": len(plan.stages), "median_ms": medians[label] * 1e3,
+                     "ratio": medians[label] / base, "goal": goals[label]})
+    del graph_inputs
+    return rows
+
+
+def balance_quality(models: dict[str, Path], devices: int = 4) -> list[dict]:
+    rows = []
+    cluster = edgesplit.Cluster.simulated(devices)
+    for name, path in models.items():
+        graph = edgesplit.load(path)
+        placement = balance(graph, cluster)
+        macs = np.zeros(devices)
+        params = np.zeros(devices)
+        for layer in graph.layers:
+            d = cluster.names.index(placement[layer.name])
+            macs[d] += layer.macs
+            params[d] += layer.param_bytes
+        biggest = max(layer.macs for layer in graph.layers)
+        rows.append({
+            "model": name, "layers": len(graph.layers),
+            "max_over_mean_macs": float(macs.max() / macs.mean()),
+            "largest_layer_over_mean": float(biggest / macs.mean()),
+            "cut_allows_goal": bool(biggest / macs.mean() <= 1.25),
+            "max_param_bytes_over_total_per_n": float(params.max() / (params.sum() / devices)),
+            "param_mib_per_device": [round(float(p) / 2**20, 3) for p in params],
+        })
+    return rows
+
+
+def partition_time(path: Path, out: Path, devices: int = 4) -> dict:
+    t0 = time.perf_counter()
+    graph = edgesplit.load(path)
+    t1 = time.perf_counter()
+    plan = edgesplit.partition(graph, edgesplit.Cluster.simulated(devices))
+    t2 = time.perf_counter()
+    plan.save(out)
+    t3 = time.perf_counter()
+    return {"layers": len(graph.layers), "params": graph.total_params, "stages": len(plan.stages),
+            "load_s": t1 - t0, "partition_s": t2 - t1, "save_s": t3 - t2, "total_s": t3 - t0, "goal_s": 10.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller big model (smoke run)")
+    args = ap.parse_args()
+    repeats = 10 if args.quick else args.repeats
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        r18 = zoo.export(zoo.resnet18(), (1, 3, 224, 224), d / "resnet18.onnx", keep_batchnorm=False)
+        models = {name: zoo.build(name, d) for name in zoo.MODELS}
+        models["resnet18"] = r18
+        big_blocks = (6, 12, 24, 16) if args.quick else (6, 12, 64, 48)
+        big = zoo.export(zoo.DenseNet(growth=32, blocks=big_blocks, stem=64, classes=1000), (1, 3, 224, 224), d / "densenet_big.onnx")
+        models["densenet-264 (BN kept)"] = big
+        over = overhead(r18, repeats)
+        quality = balance_quality(models)
+        timing = partition_time(big, d / "big-plan")
+    data = {"threads": THREADS, "repeats": repeats, "overhead": over, "balance": quality, "partition_time": timing}
+    sections = [
+        ("Local executor overhead (ResNet-18, 1×3×224×224, BatchNorm folded)",
+         f"onnxruntime intra-op threads = {THREADS} for every session, median of {repeats} interleaved runs.\n\n" +
+         markdown_table(["plan", "stages", "median ms", "ratio vs whole", "goal"],
+                        [[r["plan"], r["stages"], r["median_ms"], r["ratio"], r["goal"] or "-"] for r in over])),
+        ("Automatic vertical placement on 4 equal devices",
+         "max/mean MACs per device; where one layer alone exceeds 1.25× the mean, no cut can meet the goal.\n\n" +
+         markdown_table(["model", "layers", "max/mean MACs", "largest layer/mean", "cut allows ≤1.25", "max params / (total/4)", "param MiB per device"],
+                        [[r["model"], r["layers"], r["max_over_mean_macs"], r["largest_layer_over_mean"], r["cut_allows_goal"],
+                          r["max_param_bytes_over_total_per_n"], r["param_mib_per_device"]] for r in quality])),
+        ("Partitioning time, ~1000-layer model",
+         markdown_table(["layers", "parameters", "stages", "load s", "partition s", "save s", "total s", "goal s"],
+                        [[timing["layers"], timing["params"], timing["stages"], timing["load_s"], timing["partition_s"],
+                          timing["save_s"], timing["total_s"], timing["goal_s"]]])),
+    ]
+    path = write_report("core", "Core benchmarks: overhead, balance, partitioning time", data, sections)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""load: shapes, names, parameters, MACs, external data, and clear errors for bad models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import edgesplit
+from edgesplit.errors import ModelError
+from edgesplit.runtime import random_inputs, run_whole_model
+
+
+def _conv_model(names=("", "")) -> onnx.ModelProto:
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    k = helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array([1.5], np.float32)))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name=names[0], pads=[1, 1, 1, 1])
+    mul = helper.make_node("Mul", ["y", "k"], ["z"], name=names[1])
+    g = helper.make_graph(
+        [k, conv, mul], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        initializer=[w],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_stable_names_for_empty_and_duplicate_names():
+    graph = edgesplit.load(_conv_model(names=("dup", "dup")))
+    names = [layer.name for layer in graph.layers]
+    assert len(set(names)) == len(names) == 2
+    assert names[0] == "dup" and names[1] != "dup"
+    again = edgesplit.load(_conv_model(names=("dup", "dup")))
+    assert [layer.name for layer in again.layers] == names  # deterministic
+
+
+def test_constants_become_initializers_and_costs_are_counted():
+    graph = edgesplit.load(_conv_model())
+    assert [layer.op_type for layer in graph.layers] == ["Conv", "Mul"]
+    conv = graph.layers[0]
+    assert conv.params == 4 * 3 * 3 * 3
+    assert conv.param_bytes == 4 * 3 * 3 * 3 * 4
+    assert conv.macs == 4 * 8 * 8 * 3 * 3 * 3  # out elements x (Cin x kH x kW), batch counted as 1
+    assert graph.tensors["y"].shape == ("N", 4, 8, 8)
+    assert graph.tensors["y"].nbytes == 4 * 8 * 8 * 4
+    assert edgesplit.load(_conv_model(), dims={"N": 5}).tensors["y"].nbytes == 5 * 4 * 8 * 8 * 4
+
+
+def test_gemm_macs(zoo_graphs):
+    vgg = zoo_graphs["vgg"]
+    gemms = [layer for layer in vgg.layers if layer.op_type == "Gemm"]
+    assert gemms[0].macs == 32 * 32 * 4 * 4 and gemms[1].macs == 10 * 32
+
+
+def test_external_data_model_loads_and_runs(tmp_path: Path, zoo_dir: Path):
+    model = onnx.load(zoo_dir / "resnet.onnx")
+    onnx.save_model(model, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").stat().st_size > 10_000
+    graph = edgesplit.load(tmp_path / "ext.onnx")
+    assert graph.total_params == edgesplit.load(zoo_dir / "resnet.onnx").total_params
+    plan = edgesplit.partition(graph, edgesplit.Cluster.simulated(2))
+    x = random_inputs(plan.inputs)
+    got = edgesplit.LocalExecutor(plan).run(x).outputs["output"]
+    np.testing.assert_allclose(got, run_whole_model(tmp_path / "ext.onnx", x)["output"], rtol=1e-5, atol=1e-7)
+
+
+def test_not_onnx(tmp_path: Path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not a protobuf")
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        edgesplit.load(bad)
+    with pytest.raises(ModelError, match="does not exist"):
+        edgesplit.load(tmp_path / "missing.onnx")
+
+
+def test_checker_failure(tmp_path: Path):
+    model = _conv_model()
+    model.graph.node[1].op_type = "NoSuchOp"
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="onnx.checker"):
+        edgesplit.load(tmp_path / "m.onnx")
+
+
+def test_shape_inference_failure_names_the_tensor():
+    model = _conv_model()
+    # a Reshape to a target of unknown length: rank unknown, so its output cannot be inferred
+    model.graph.node.append(helper.make_node("Reshape", ["z", "target"], ["r"], name="reshape_me"))
+    model.graph.input.append(helper.make_tensor_value_info("target", TensorProto.INT64, [None]))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    with pytest.raises(ModelError, match="'r'.*reshape_me"):
+        edgesplit.load(model)
+
+
+def test_old_opset_is_refused():
+    model = _conv_model()
+    model.opset_import[0].version = 11
+    with pytest.raises(ModelError, match="opset >= 13, got opset 11"):
+        edgesplit.load(model)
