@@ -74,10 +74,13 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 
         plan = Plan.load(source)
         if as_json:
-            click.echo(json.dumps({"devices": report.device_summary(plan), **plan.to_dict()}, indent=1))
+            click.echo(json.dumps({"devices": report.device_summary(plan), "region_summary": report.region_rows(plan),
+                                   **plan.to_dict()}, indent=1))
         else:
             console.print(report.plan_table(plan))
             console.print(report.transfer_table(plan))
+            if plan.regions:
+                console.print(report.region_table(plan))
         return
     from edgesplit.graph import load
 
@@ -99,8 +102,13 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 @click.option("--mapping", type=click.Path(path_type=Path), help="Mapping JSON (AutoDiCE) or YAML; default: automatic.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan directory to write.")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for byte counts, NAME=SIZE.")
+@click.option("--strategy", type=click.Choice(["vertical", "horizontal", "hybrid", "heads"]), default="vertical", show_default=True,
+              help="vertical: layer ranges per device; horizontal: split layers across devices; hybrid: both; "
+                   "heads: Transformers by attention heads, MLP neurons and vocabulary.")
+@click.option("--split", "split", type=click.Choice(["channels", "spatial", "auto"]), default="auto", show_default=True,
+              help="How horizontal regions split layers when chosen automatically.")
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, output: Path,
-              dims: tuple[str, ...]) -> None:
+              dims: tuple[str, ...], strategy: str, split: str) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
@@ -110,23 +118,49 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     the_cluster = _cluster(devices, cluster)
     the_mapping = load_mapping(mapping) if mapping else None
     graph = load(model, dims=_dims(dims))
-    plan = do_partition(graph, the_cluster, the_mapping)
+    plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims))
     plan.save(output)
     console.print(report.plan_table(plan))
+    if plan.regions:
+        console.print(report.region_table(plan))
     console.print(f"wrote {output}/plan.json and {len(plan.stages)} stage files")
 
 
 @main.command()
 @click.argument("plan_dir", type=click.Path(path_type=Path))
-@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help=".npz keyed by input names.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), help=".npz keyed by input names.")
+@click.option("--stream", "stream_path", type=click.Path(path_type=Path),
+              help="Many requests: an .npz with a leading request axis, or a directory of .npz files.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz to write the outputs to.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
-def run(plan_dir: Path, input_path: Path, output: Path, threads: int | None) -> None:
-    """Run a plan in-process on the inputs of an .npz file."""
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
+@click.option("--allow-degraded", is_flag=True, help="Answer with zeros for parts on dead devices (marked degraded).")
+@click.option("--deadline", type=float, default=30.0, show_default=True, help="Seconds a request may take (ray).")
+@click.option("--dataplane", type=click.Choice(["auto", "tasks", "compiled"]), default="auto", show_default=True,
+              help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
+def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
+        backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str) -> None:
+    """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
     from edgesplit.plan import Plan
     from edgesplit.runtime.local import LocalExecutor
 
+    if (input_path is None) == (stream_path is None):
+        raise EdgesplitError("expected exactly one of --input FILE.npz or --stream FILE.npz|DIR")
     plan = Plan.load(plan_dir)
+    if stream_path is not None or backend == "ray":
+        from edgesplit.runtime import streamio
+
+        requests = streamio.read_requests(stream_path) if stream_path else [_read_npz(input_path)]
+        answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
+                                              deadline, dataplane)
+        streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
+        for message, count in streamio.describe_failures(answers).items():
+            err_console.print(f"[red]{count} request(s) failed:[/] {message}", highlight=False)
+        console.print(f"wrote {output}; {report.summary()}", highlight=False)
+        if report.failed:
+            sys.exit(1)
+        return
     result = LocalExecutor(plan, threads=threads).run(_read_npz(input_path))
     tmp = output.with_name(output.name + ".tmp.npz")
     np.savez(tmp, **result.outputs)
@@ -167,6 +201,30 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
         sys.exit(1)
 
 
+@main.command()
+@click.argument("plan_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="Directory with tokenizer.json (default: the plan directory, then next to the source model).")
+@click.option("--backend", type=click.Choice(["local"]), default="local", show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
+def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,
+             threads: int | None) -> None:
+    """Greedy text generation with a decoder plan; each stage keeps its own KV cache."""
+    from edgesplit.generate import find_tokenizer, generate as do_generate, load_tokenizer
+    from edgesplit.plan import Plan
+
+    plan = Plan.load(plan_dir)
+    tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
+    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads)
+    console.print(prompt, end="", markup=False, highlight=False)
+    for token in gen:
+        console.print(token.text, end="", markup=False, highlight=False)
+    console.print()
+    console.print(f"[bold]{gen.stats.summary()}[/]", highlight=False)
+
+
 def _recorded_model(plan_dir: Path, plan) -> Path:
     recorded = json.loads((plan_dir / "plan.json").read_text())["model"].get("path")
     if recorded and Path(recorded).is_file():
@@ -176,11 +234,107 @@ def _recorded_model(plan_dir: Path, plan) -> Path:
 
 @main.command()
 @click.option("--devices", type=click.IntRange(min=1), default=3, show_default=True)
-def demo(devices: int) -> None:
-    """Split the shipped MNIST CNN over simulated devices; compare accuracy unsplit and split."""
+@click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML (e.g. examples/mixed.yaml) instead of --devices.")
+@click.option("--model", type=click.Choice(["mnist_cnn", "mnist_vit"]), default="mnist_cnn", show_default=True,
+              help="Which shipped model to split.")
+def demo(devices: int, cluster: Path | None, model: str) -> None:
+    """Split a shipped MNIST model (CNN or ViT) over devices; compare test accuracy unsplit and split."""
     from edgesplit.demo import run_demo
 
-    run_demo(devices=devices, console=console)
+    run_demo(devices=devices, console=console, cluster=cluster, model=model)
+
+
+@main.group(cls=_Group)
+def device() -> None:
+    """Bring edge devices into a Ray cluster under their edgesplit names, and list them."""
+
+
+def _node_options(f):
+    for opt in reversed([
+        click.option("--cores", type=int, help="CPU cores the device gives Ray (default: all)."),
+        click.option("--memory", help="Memory the device gives the model, e.g. 2GiB (default: Ray's estimate)."),
+        click.option("--object-store-memory", help="Ray object store size, e.g. 200MB."),
+        click.option("--node-ip-address", help="This device's address on the cluster network."),
+        click.option("--temp-dir", type=click.Path(path_type=Path), help="Ray's temporary directory on this device."),
+        click.option("--token-file", type=click.Path(path_type=Path), help="The cluster's Ray auth token file."),
+        click.option("--no-auth", is_flag=True, help="No token authentication (only on a network you trust)."),
+        click.option("--block", is_flag=True, help="Stay in the foreground (for systemd and the like)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _options(name, cores, memory, object_store_memory, node_ip_address, temp_dir, token_file, no_auth, block):
+    from edgesplit.cluster import parse_bytes
+    from edgesplit.devices import NodeOptions
+
+    return NodeOptions(name=name, cores=cores, memory=parse_bytes(memory, "--memory") if memory else None,
+                       object_store_memory=parse_bytes(object_store_memory, "--object-store-memory")
+                       if object_store_memory else None, node_ip_address=node_ip_address, temp_dir=temp_dir,
+                       auth=not no_auth, token_file=token_file, block=block)
+
+
+@device.command("head")
+@click.option("--name", help="Also host the edgesplit device NAME on the head (default: none).")
+@click.option("--port", type=int, default=6379, show_default=True, help="GCS port of the head.")
+@click.option("--dashboard", is_flag=True, help="Start the Ray dashboard too.")
+@_node_options
+def device_head(name, port, dashboard, **kw) -> None:
+    """Start the head of an edgesplit Ray cluster (token authentication on)."""
+    from edgesplit import devices
+
+    address, token = devices.start_head(_options(name, **kw), port=port, dashboard=dashboard)
+    console.print(f"head started at [bold]{address}[/]")
+    if token:
+        console.print(f"auth token: {token} (copy it to each device's ~/.ray/auth_token, mode 600)")
+    console.print(f"on each device: edgesplit device join {address} --name NAME --cores N --memory SIZE")
+
+
+@device.command("join")
+@click.argument("head_address")
+@click.option("--name", required=True, help="The edgesplit device name (as in cluster.yaml and the plan).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the head.")
+@_node_options
+def device_join(head_address, name, timeout, **kw) -> None:
+    """Start a Ray node on this machine that joins HEAD_ADDRESS as device NAME."""
+    from edgesplit import devices
+
+    node = devices.join(head_address, _options(name, **kw), timeout=timeout)
+    if node is not None:
+        console.print(f"device [bold]{node.name}[/] joined {head_address} as node {node.address} "
+                      f"({node.cores:g} cores, {node.memory / 2**30:.2f} GiB)")
+
+
+@device.command("list")
+@click.option("--address", envvar="RAY_ADDRESS", required=True, help="Head address HOST:PORT (or $RAY_ADDRESS).")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the head.")
+@click.option("--all", "show_all", is_flag=True, help="Every node, including dead ones and plain Ray nodes.")
+@click.option("--token-file", type=click.Path(path_type=Path), help="The cluster's Ray auth token file.")
+@click.option("--no-auth", is_flag=True, help="The cluster runs without token authentication.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def device_list(address, timeout, show_all, token_file, no_auth, as_json) -> None:
+    """Show the cluster's devices: cores, memory, and which are alive."""
+    from rich.table import Table
+
+    from edgesplit import devices
+
+    found = devices.nodes(address, timeout=timeout, auth=not no_auth, token_file=token_file)
+    rows = found if show_all else devices.devices(found)
+    twice = devices.duplicates(found)
+    if as_json:
+        click.echo(json.dumps({"address": address, "devices": [r.to_dict() for r in rows], "duplicates": twice},
+                              indent=1))
+        return
+    table = Table(title=f"devices of {address}")
+    for col in ("device", "alive", "cores", "memory", "object store", "node", "address"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row((r.name or "-") + (" (head)" if r.head else ""), "[green]yes[/]" if r.alive else "[red]no[/]",
+                      f"{r.cores:g}", f"{r.memory / 2**30:.2f} GiB", f"{r.object_store / 2**20:.0f} MiB",
+                      r.node_id[:12], r.address)
+    console.print(table)
+    if twice:
+        err_console.print(f"[bold red]warning:[/] device name(s) {twice} are registered by more than one alive node")
 
 
 if __name__ == "__main__":

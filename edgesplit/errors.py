@@ -36,3 +36,11 @@ class DeviceFailedError(EdgesplitError):
         self.device = device
         self.stage = stage
         super().__init__(message or f"device {device!r} is down and stage {stage!r} has no replica or fallback")
+
+
+class StageError(EdgesplitError):
+    """A stage raised an error on a live device while answering a request (not a device failure)."""
+
+    def __init__(self, device: str, stage: str, request: int, message: str) -> None:
+        self.device, self.stage, self.request = device, stage, request
+        super().__init__(f"request {request}: stage {stage!r} on device {device!r} failed: {message}")

@@ -276,14 +276,41 @@ def _tensor_infos(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, 
             d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim
         )
         infos[vi.name] = TensorInfo(vi.name, np.dtype(dtype).name, shape, _nbytes(shape, dtype, dims))
-    for node in model.graph.node:
-        for out in node.output:
-            if out and out not in infos:
-                raise ModelError(
-                    f"cannot infer the shape of tensor {out!r} (output {list(node.output).index(out)} of node "
-                    f"{node.name!r}, {node.op_type}); expected every tensor to have a known type and rank"
-                )
+    unknown = {out: node for node in model.graph.node for out in node.output if out and out not in infos}
+    if unknown:
+        infos.update(_probe(model, unknown, dims))
     return infos
+
+
+def _probe(model: onnx.ModelProto, unknown: Mapping[str, onnx.NodeProto], dims: Mapping[str, int]) -> dict[str, TensorInfo]:
+    """Shapes static inference could not find (data-dependent Reshape targets): run the model once on random inputs.
+
+    The probed shape is concrete for the probe's dims; stage files declare such tensors without a shape.
+    """
+    import onnxruntime as ort
+
+    name, node = next(iter(unknown.items()))
+    where = f"tensor {name!r} (output of node {node.name!r}, {node.op_type})"
+    probe = _copy(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in unknown)
+    try:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in sess.get_inputs():
+            shape = [d if isinstance(d, int) else dims.get(str(d), 1) for d in i.shape]
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(helper.np_dtype_to_tensor_dtype(np.dtype(
+                {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
+                 "tensor(bool)": "bool", "tensor(float16)": "float16"}[i.type]))))
+            feeds[i.name] = np.ones(shape, dtype=dtype)
+        values = sess.run(list(unknown), feeds)
+    except Exception as exc:
+        raise ModelError(f"cannot infer the shape of {where}: static shape inference gives no rank and running the "
+                         f"model on sample inputs (symbolic dims = {dict(dims) or 1}) failed: {_first_line(exc)[:200]}; if the model "
+                         f"only runs for certain sizes, give them (CLI: --dim NAME=SIZE, Python: load(..., dims={{...}}))") from None
+    return {t: TensorInfo(t, v.dtype.name, tuple(v.shape), int(v.nbytes)) for t, v in zip(unknown, values)}
 
 
 def _nbytes(shape: tuple[Dim, ...], dtype: np.dtype, dims: Mapping[str, int]) -> int:

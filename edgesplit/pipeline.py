@@ -15,8 +15,23 @@ from edgesplit.plan import Plan, cut
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 
-def partition(graph: Graph, cluster: Cluster, mapping: Any = None) -> Plan:
-    """Place every layer (from `mapping` if given, else balanced vertically) and cut the placement into a Plan."""
+def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: str = "vertical", split: str = "auto",
+              dims: Mapping[str, int] | None = None) -> Plan:
+    """Place every layer (from `mapping` if given, else balanced vertically) and cut the placement into a Plan.
+
+    `strategy` horizontal / hybrid (or a mapping with horizontal regions) rewrites layers into parts first
+    (edgesplit.rewrite); `split` picks channels, spatial or auto for the automatic choice.
+    """
+    from edgesplit.rewrite.spec import is_horizontal
+
+    if strategy == "heads":  # Transformers: attention by heads, MLP by neurons, LM head by vocabulary
+        from edgesplit.rewrite.transformer import partition_transformer
+
+        return partition_transformer(graph, cluster, mapping, dims=dims)
+    if strategy != "vertical" or is_horizontal(mapping):
+        from edgesplit.rewrite.partition import partition as horizontal
+
+        return horizontal(graph, cluster, mapping, strategy=strategy, split=split, dims=dims)
     placement = from_mapping(graph, cluster, mapping) if mapping is not None else balance(graph, cluster)
     check_memory(graph, cluster, placement)
     return cut(graph, cluster, placement)

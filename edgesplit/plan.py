@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -416,11 +417,18 @@ def _stage_model(graph: Graph, layers: list[str], inputs: list[str], outputs: li
     needed = list(dict.fromkeys(r for n in nodes for r in node_references(n) if r in inits))
     vi = {v.name: v for v in (*src.graph.input, *src.graph.value_info, *src.graph.output)}
     internal = {o for n in nodes for o in n.output} - set(outputs)
+
+    def declared(t: str) -> onnx.ValueInfoProto:
+        if t in vi and vi[t].type.tensor_type.HasField("shape"):
+            return vi[t]
+        # shape known only from a probe run: declare the type, leave the shape open (it may be dynamic)
+        return helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(np.dtype(graph.tensors[t].dtype)), None)
+
     g = helper.make_graph(
         nodes,
         name,
-        [vi[t] for t in inputs],
-        [vi[t] for t in outputs],
+        [declared(t) for t in inputs],
+        [declared(t) for t in outputs],
         initializer=[inits[t] for t in needed],
         value_info=[vi[t] for t in internal if t in vi],
     )

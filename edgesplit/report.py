@@ -100,3 +100,57 @@ def transfer_table(plan: Plan) -> Table:
         if t.cross_device and SOURCE not in (t.src, t.dst) and SINK not in (t.src, t.dst):
             table.add_row(t.tensor, f"{t.src} ({device_of[t.src]})", f"{t.dst} ({device_of[t.dst]})", human_bytes(t.nbytes))
     return table
+
+
+def region_rows(plan: Plan) -> list[dict[str, Any]]:
+    """Per horizontal region: kind, each device's share, synchronisation points, bytes exchanged, halo overhead."""
+    stage_of = {n: s.name for s in plan.stages for n in s.layers}
+    rows = []
+    for r in plan.regions:
+        exchanged = region_bytes(plan, r)
+        shares: dict[str, float] = defaultdict(float)
+        for p in r["parts"]:
+            shares[p["device"]] += p["share"]
+        macs = r.get("macs", 0)
+        rows.append({
+            "name": r["name"], "kind": r["kind"], "layers": len(r["layers"]),
+            "shares": dict(shares),
+            "sync_points": [r["combine"]],  # grid row concats run on the same device as the final combine
+            "combine_stage": stage_of.get(r["combine"]),
+            "bytes_exchanged": exchanged,
+            "redundant_macs": r.get("redundant_macs", 0),
+            "halo_overhead": (r.get("redundant_macs", 0) / macs) if macs else 0.0,
+            "halo_bytes": r.get("halo_bytes", 0),
+        })
+    return rows
+
+
+def region_bytes(plan: Plan, region: dict[str, Any]) -> int:
+    """Bytes a region moves between devices per inference: its inputs into its parts, its parts into its combine."""
+    stage_nodes = {s.name: set(s.layers) for s in plan.stages}
+    parts = {n for p in region["parts"] for n in p["nodes"]}
+    combines = set(region.get("combine_nodes") or [region["combine"]])
+    inputs, outputs = set(region.get("inputs", ())), {p["output"] for p in region["parts"]}
+    total = 0
+    for t in plan.transfers:
+        if not t.cross_device or SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst):
+            continue
+        into = stage_nodes.get(t.dst, set())
+        if (t.tensor in inputs and into & parts) or (t.tensor in outputs and into & combines):
+            total += t.nbytes
+    return total
+
+
+def region_table(plan: Plan) -> Table:
+    rows = region_rows(plan)
+    syncs = len({p for r in rows for p in r["sync_points"]})  # regions merged by a Concat share one
+    table = Table(title=f"horizontal regions: {len(rows)} regions, {syncs} synchronisation points per inference")
+    for col in ("region", "kind", "layers", "device shares", "sync at", "bytes exchanged", "halo overhead"):
+        table.add_column(col, justify="right" if col in ("layers", "bytes exchanged", "halo overhead") else "left")
+    for r in rows:
+        shares = ", ".join(f"{d} {s:.0%}" for d, s in r["shares"].items())
+        halo = f"{r['halo_overhead']:.1%} MACs, {human_bytes(r['halo_bytes'])}" if r["kind"] in (
+            "height", "width", "grid", "fused-spatial") else "-"
+        table.add_row(r["name"], r["kind"], str(r["layers"]), shares, ", ".join(r["sync_points"]),
+                      human_bytes(r["bytes_exchanged"]), halo)
+    return table

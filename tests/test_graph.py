@@ -101,3 +101,31 @@ def test_old_opset_is_refused():
     model.opset_import[0].version = 11
     with pytest.raises(ModelError, match="opset >= 13, got opset 11"):
         edgesplit.load(model)
+
+
+def test_data_dependent_shapes_are_probed_and_stages_stay_runnable(tmp_path: Path):
+    """torch's MultiheadAttention export has Reshapes whose rank static inference cannot find."""
+    import torch
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.attn(x, x, x)[0])
+
+    torch.manual_seed(0)
+    path = tmp_path / "mha.onnx"
+    torch.onnx.export(Attn().eval(), (torch.randn(2, 5, 16),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b", 1: "s"}, "y": {0: "b", 1: "s"}})
+    with pytest.raises(ModelError, match=r"give them \(CLI: --dim NAME=SIZE"):
+        edgesplit.load(path)  # the export baked sequence length 5 into a Reshape: probing with s=1 fails
+    graph = edgesplit.load(path, dims={"b": 2, "s": 5})
+    assert all(graph.tensors[t].nbytes > 0 for layer in graph.layers for t in layer.outputs)
+    plan = edgesplit.partition(graph, edgesplit.Cluster.simulated(3))
+    x = {"x": np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)}  # another batch size
+    np.testing.assert_allclose(edgesplit.LocalExecutor(plan).run(x).outputs["y"], run_whole_model(path, x)["y"],
+                               rtol=1e-5, atol=1e-6)

@@ -88,4 +88,6 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.log_severity_level = 3
+    # idle threads spinning for work steal the cores other stages (and other sessions) need
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts

@@ -10,36 +10,41 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgesplit.errors import DeviceFailedError
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import RunResult, check_inputs, session_options
+from edgesplit.runtime.failures import Router
 
 
 class LocalExecutor:
-    """Runs a Plan in this process; `failed` devices are treated as down for every request."""
+    """Runs a Plan in this process; `failed` devices are treated as down for every request (a region's part on one
+    comes from a live replica, else zeros when `allow_degraded`, else DeviceFailedError; see runtime.failures)."""
 
-    def __init__(self, plan: Plan, threads: int | None = None, failed: Iterable[str] = ()) -> None:
+    def __init__(self, plan: Plan, threads: int | None = None, failed: Iterable[str] = (),
+                 allow_degraded: bool = False) -> None:
         self.plan = plan
         self.failed = frozenset(failed)
+        self.router = Router(plan, allow_degraded)  # failure-set semantics shared with the ray executor
         opts = session_options(threads)
         self.sessions = {
-            s.name: ort.InferenceSession(plan.stage_models[s.name], opts, providers=["CPUExecutionProvider"])
-            for s in plan.stages
+            s.name: ort.InferenceSession(s.model, opts, providers=["CPUExecutionProvider"])
+            for s in self.router.specs
             if s.device not in self.failed
         }
 
     def run(self, inputs: Mapping[str, object], failed: Iterable[str] | None = None) -> RunResult:
         down = self.failed if failed is None else frozenset(failed) | self.failed
         values: dict[str, np.ndarray] = check_inputs(self.plan.inputs, inputs)
+        route = self.router.route(down)
+        dims = self.router.dims(values)
+        values.update({t: fill.array(dims) for t, fill in route.fills.items()})
         seconds: dict[str, float] = {}
-        for stage in self.plan.order():
-            if stage.device in down:
-                raise DeviceFailedError(stage.device, stage.name)
+        for stage in route.stages:
             t0 = time.perf_counter()
-            results = self.sessions[stage.name].run(list(stage.outputs), {t: values[t] for t in stage.inputs})
+            feeds = {t: values[route.source(t)] for t in stage.inputs}
+            results = self.sessions[stage.name].run(list(stage.outputs), feeds)
             seconds[stage.name] = time.perf_counter() - t0
             values.update(zip(stage.outputs, results))
-        return RunResult({t.name: values[t.name] for t in self.plan.outputs}, (), seconds)
+        return RunResult({t.name: values[t.name] for t in self.plan.outputs}, route.missing_devices, seconds)
 
 
 def run_whole_model(model: str | Path | onnx.ModelProto, inputs: Mapping[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:

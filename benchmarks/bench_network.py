@@ -1,0 +1,184 @@
+"""Plans on the emulated edge network (scripts/edge-lab): single-request latency and bytes on the wire.
+
+sudo python benchmarks/bench_network.py [--repeats 15] [--size 224] [--network 100mbit/2ms --network 10gbit/0ms]
+
+For each network: `edge-lab up 3` (a head + edge0..edge2, each a Ray node in its own namespace, links shaped with
+tbf + a one-way delay), then a requester inside the head's namespace times one onnxruntime session on the whole
+ResNet-18 (1 thread) and the 2- and 3-device vertical plans on edgesplit.runtime.ray.RayExecutor (1 core per
+device), one request at a time, and reads every device's link counters (`ip -s link`) to count the bytes actually
+sent per inference, against what plan.json predicts. Writes benchmarks/results/network.json and network.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LAB = ROOT / "scripts" / "edge-lab"
+
+
+def lab(*args: str) -> str:
+    done = subprocess.run([sys.executable, str(LAB), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"edge-lab {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def prepare(work: Path, size: int) -> dict:
+    """ResNet-18 at size x size, cut into 2- and 3-device vertical plans for edge0.. (1 core each)."""
+    from edgesplit.bench import zoo
+    from edgesplit.cluster import Cluster
+    from edgesplit.graph import load
+    from edgesplit.pipeline import partition
+    from edgesplit.plan import SINK, SOURCE
+
+    model = zoo.export(zoo.resnet18(), (1, 3, size, size), work / "model.onnx", dynamic_batch=False)
+    graph = load(model)
+    plans = {}
+    for n in (2, 3):
+        plan = partition(graph, Cluster.simulated(n, cores=1, prefix="edge"))
+        plan.save(work / f"plan{n}")
+        requester = sum(t.nbytes for t in plan.transfers if t.cross_device and (SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst)))
+        plans[n] = {"stages": [[s.name, s.device, len(s.layers)] for s in plan.stages],
+                    "wire_bytes": plan.wire_bytes(), "requester_bytes": requester}
+    return {"params": graph.total_params, "macs": graph.total_macs, "plans": plans}
+
+
+def drive(work: Path, repeats: int, out: Path) -> None:
+    """Runs inside the head's namespace (the requester)."""
+    import onnxruntime as ort
+
+    from edgesplit.plan import Plan
+    from edgesplit.runtime.common import session_options
+    from edgesplit.runtime.ray import RayExecutor
+
+    rng = np.random.default_rng(0)
+    sess = ort.InferenceSession(str(work / "model.onnx"), session_options(1), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = {name: rng.standard_normal(sess.get_inputs()[0].shape).astype(np.float32)}
+    ref = sess.run(None, x)[0]
+    whole = _timed(lambda: sess.run(None, x), repeats)
+    result: dict = {"whole_model_s": whole}
+    for n in (2, 3):
+        plan = Plan.load(work / f"plan{n}")
+        with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane="tasks") as ex:
+            got = ex.run(x).outputs
+            err = float(np.abs(next(iter(got.values())) - ref).max())
+            _timed(lambda: ex.run(x), 2)
+            time.sleep(1.0)
+            idle_before = _idle_rate(3.0)
+            before, t0 = _sent(), time.monotonic()
+            times = _timed(lambda: ex.run(x), repeats)
+            elapsed, after = time.monotonic() - t0, _sent()
+            time.sleep(1.0)
+            idle_after = _idle_rate(3.0)
+        idle = {d: min(idle_before[d], idle_after[d]) for d in after}  # a stray transfer only ever adds bytes
+        per_device = {d: max(0.0, after[d] - before[d] - idle[d] * elapsed) / repeats for d in after}
+        result[f"plan{n}"] = {"latency_s": times, "max_abs_diff": err, "sent_per_inference": per_device,
+                              "idle_bytes_per_s": idle}
+    out.write_text(json.dumps(result))
+
+
+def _timed(fn, repeats: int) -> list[float]:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _sent() -> dict[str, int]:
+    status = json.loads(lab("status", "--json"))
+    return {d: v["sent_bytes"] for d, v in status["devices"].items()}
+
+
+def _idle_rate(seconds: float) -> dict[str, float]:
+    """Background bytes per second per device (Ray's health checks, heartbeats, resource reports)."""
+    before = _sent()
+    time.sleep(seconds)
+    after = _sent()
+    return {d: (after[d] - before[d]) / seconds for d in after}
+
+
+def report(prepared: dict, runs: dict[str, dict], repeats: int, size: int) -> None:
+    from edgesplit.bench.harness import markdown_table, write_report
+
+    rows, bytes_rows = [], []
+    for network, r in runs.items():
+        whole = statistics.median(r["whole_model_s"])
+        rows.append([network, "whole model, 1 onnxruntime session", 1, whole * 1e3, 1.0, "-"])
+        for n in (2, 3):
+            p = r[f"plan{n}"]
+            med = statistics.median(p["latency_s"])
+            rows.append([network, f"{n}-device vertical plan (RayExecutor, tasks)", n, med * 1e3, med / whole,
+                         f"{p['max_abs_diff']:.2g}"])
+            predicted = prepared["plans"][n]
+            measured = sum(p["sent_per_inference"].values())
+            expected = predicted["wire_bytes"] + predicted["requester_bytes"]
+            bytes_rows.append([network, n, predicted["wire_bytes"], predicted["requester_bytes"], expected,
+                               round(measured), measured / expected if expected else float("nan"),
+                               ", ".join(f"{d} {v / 1e3:.0f} kB" for d, v in p["sent_per_inference"].items())])
+    data = {"model": f"resnet18 1x3x{size}x{size}", "repeats": repeats, **prepared, "runs": runs,
+            "load_average": os.getloadavg()}
+    note = (f"ResNet-18 ({prepared['params'] / 1e6:.1f} M parameters, {prepared['macs'] / 1e9:.2f} GMACs) at "
+            f"1x3x{size}x{size}; median of {repeats} single requests, one at a time, the requester in the head's "
+            "namespace; 1 core per device (Ray num_cpus=1, onnxruntime 1 thread). All Ray nodes share this machine's "
+            f"cores (load average during the run {os.getloadavg()[0]:.1f}), so compute is not isolated; the network "
+            "is. Plans run on ordinary actor calls (dataplane=tasks).")
+    bytes_note = ("Bytes every lab device sent on its link (tx counter of its veth) per inference, minus the idle "
+                  "background rate (Ray health checks and heartbeats; the lower of 3 s just before and 3 s just after), against plan.json: "
+                  "tensors between devices (`wire_bytes`) plus the requester's inputs and outputs. Ray adds "
+                  "per-object framing, gRPC and TCP/IP headers (and the TCP ACKs every receiver sends back).")
+    write_report("network", "Plans on the emulated edge network (edge-lab)", data, [
+        ("Single-request latency", note + "\n\n" + markdown_table(
+            ["network", "what", "devices", "median ms", "vs whole model", "max abs diff"], rows)),
+        ("Bytes on the wire per inference", bytes_note + "\n\n" + markdown_table(
+            ["network", "devices", "plan: between devices", "plan: requester", "plan: total", "measured total",
+             "measured / plan", "sent by each device"], bytes_rows)),
+    ])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--network", action="append", help="BANDWIDTH/DELAY, e.g. 100mbit/2ms (repeatable)")
+    p.add_argument("_drive", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args._drive:
+        work, out = Path(args._drive[1]), Path(args._drive[2])
+        return drive(work, args.repeats, out)
+    networks = args.network or ["100mbit/2ms"]
+    with tempfile.TemporaryDirectory(prefix="bench_network_") as tmp:
+        work = Path(tmp)
+        prepared = prepare(work, args.size)
+        runs = {}
+        try:
+            for network in networks:
+                bandwidth, delay = network.split("/")
+                print(f"edge-lab up 3 --bandwidth {bandwidth} --delay {delay}", flush=True)
+                lab("up", "3", "--bandwidth", bandwidth, "--delay", delay, "--cores", "1", "--memory", "2GiB")
+                out = work / f"{network.replace('/', '_')}.json"
+                subprocess.run([sys.executable, str(LAB), "exec", "head", "--", sys.executable, __file__,
+                                "--repeats", str(args.repeats), "_drive", str(work), str(out)], check=True)
+                runs[network] = json.loads(out.read_text())
+        finally:
+            lab("down")
+    report(prepared, runs, args.repeats, args.size)
+    print((ROOT / "benchmarks" / "results" / "network.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""What every split family shares: the request, share arithmetic, the model editor and the region record."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import EdgesplitError
+from edgesplit.graph import REGIONS_KEY, Graph, from_model, node_references
+
+CHANNEL_KINDS = ("lop", "lip", "fused-channels")
+SPATIAL_KINDS = ("height", "width", "grid", "fused-spatial")
+KINDS = CHANNEL_KINDS + SPATIAL_KINDS
+
+
+class SplitError(EdgesplitError):
+    """A horizontal split cannot be applied as asked; the message names the layer and the limit."""
+
+
+@dataclass(frozen=True)
+class SplitRequest:
+    """One horizontal region asked for: which layers, how, on which devices, with which shares.
+
+    `points` are interior split points along the split axis (AutoDiCE); `weights` are per-device shares
+    (default: the devices' speed). For fused kinds `layers` is the ordered run of layers the region covers.
+    """
+
+    kind: str
+    layers: tuple[str, ...]
+    devices: tuple[str, ...]
+    weights: tuple[float, ...] | None = None
+    points: tuple[int, ...] | None = None
+    grid: tuple[int, int] | None = None
+    axis: str = ""  # for fused-spatial: "height", "width" or "grid" (default height)
+
+    @property
+    def parts(self) -> int:
+        return len(self.devices)
+
+
+def weights_for(request: SplitRequest, cluster: Cluster) -> list[float]:
+    if request.weights is not None:
+        return [float(w) for w in request.weights]
+    return [cluster.device(d).speed for d in request.devices]
+
+
+def sizes(total: int, weights: Sequence[float], what: str) -> list[int]:
+    """Integer sizes >= 1 summing to `total`, proportional to `weights` (largest remainder)."""
+    k = len(weights)
+    if k < 1:
+        raise SplitError(f"{what}: expected at least one device, got none")
+    if k > total:
+        raise SplitError(f"{what}: {k} parts asked but it has only {total}; expected at most {total} parts")
+    if any(not w > 0 for w in weights):
+        raise SplitError(f"{what}: expected positive device weights, got {list(weights)}")
+    raw = [total * w / sum(weights) for w in weights]
+    base = [max(1, math.floor(r)) for r in raw]
+    while sum(base) < total:  # largest remainder first
+        i = max(range(k), key=lambda j: (raw[j] - base[j], -j))
+        base[i] += 1
+    while sum(base) > total:  # only when the one-each floor pushed us over
+        i = max((j for j in range(k) if base[j] > 1), key=lambda j: (base[j] - raw[j], j))
+        base[i] -= 1
+    return base
+
+
+def ranges_from(total: int, weights: Sequence[float], points: Sequence[int] | None, what: str,
+                unit: int = 1) -> list[tuple[int, int]]:
+    """Split [0, total) into len(weights) ranges, from explicit points or by weight; `unit` aligns to groups."""
+    k = len(weights)
+    if points is not None and len(points):
+        pts = [int(p) for p in points]
+        if len(pts) == k + 1 and pts[0] == 0 and pts[-1] == total:
+            pts = pts[1:-1]
+        if len(pts) != k - 1:
+            raise SplitError(f"{what}: expected {k - 1} split points for {k} devices (interior points of 0..{total}), "
+                             f"got {len(pts)}: {pts}")
+        bounds = [0, *pts, total]
+        if any(not (0 < p < total) for p in pts):
+            raise SplitError(f"{what}: split points must lie strictly between 0 and {total}, got {pts}")
+        if any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise SplitError(f"{what}: split points must be strictly increasing, got {pts}")
+        if any(p % unit for p in pts):
+            raise SplitError(f"{what}: split points must be multiples of {unit} (its group size), got {pts}")
+        return list(zip(bounds, bounds[1:]))
+    n = sizes(total // unit, weights, what)
+    bounds = np.concatenate([[0], np.cumsum(n)]) * unit
+    return [(int(a), int(b)) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class PartRecord:
+    device: str | None
+    share: float
+    nodes: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+@dataclass
+class RegionRecord:
+    """A region under construction; `to_dict` gives the shared `edgesplit.regions` format."""
+
+    name: str
+    kind: str
+    layers: list[str]
+    parts: list[PartRecord]
+    combine: str = ""
+    combine_nodes: list[str] = field(default_factory=list)  # all combine nodes (grid: row concats + final)
+    scatter: list[str] = field(default_factory=list)  # Slice nodes that cut a region input (run at the producer)
+    axis: int = 1
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name, "kind": self.kind, "layers": list(self.layers), "combine": self.combine,
+            "parts": [{"nodes": p.nodes, "output": p.output, "device": p.device, "share": round(p.share, 6),
+                       "replicas": []} for p in self.parts],
+            "fill": "zeros",
+            "combine_nodes": list(self.combine_nodes or [self.combine]),
+            "scatter": list(self.scatter),
+            "axis": self.axis,
+        }
+
+
+class Editor:
+    """A mutable copy of a model's graph: replace nodes, add initializers, then build a new Graph."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(graph.model)
+        self.inits: dict[str, onnx.TensorProto] = {t.name: t for t in self.model.graph.initializer}
+        self.nodes: list[onnx.NodeProto] = list(self.model.graph.node)
+        self.names: set[str] = {n.name for n in self.nodes} | set(graph.tensors)
+        self.regions: list[dict] = list(graph.regions)
+        self.claimed: set[str] = {n for r in graph.regions for p in r["parts"] for n in p["nodes"]}
+        self.covered: set[str] = {layer for r in graph.regions for layer in r["layers"]}  # original layers replaced
+
+    def node(self, name: str) -> onnx.NodeProto:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise SplitError(f"unknown layer {name!r}")
+
+    def fresh(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}_{k}"
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def is_const(self, name: str) -> bool:
+        return name in self.inits
+
+    def make(self, op: str, inputs: Sequence[str], base: str, attrs: Mapping | None = None,
+             outputs: Sequence[str] | None = None) -> onnx.NodeProto:
+        name = self.fresh(base)
+        outs = list(outputs) if outputs is not None else [self.fresh(f"{name}_out")]
+        return helper.make_node(op, list(inputs), outs, name=name, **dict(attrs or {}))
+
+    def clone(self, node: onnx.NodeProto, base: str, inputs: Sequence[str],
+              attrs: Mapping | None = None) -> onnx.NodeProto:
+        """A copy of `node` with new inputs, a fresh name and output, and some attributes overridden."""
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.name = self.fresh(base)
+        del new.input[:]
+        new.input.extend(inputs)
+        del new.output[:]
+        new.output.append(self.fresh(f"{new.name}_out"))
+        for key, value in (attrs or {}).items():
+            for a in list(new.attribute):
+                if a.name == key:
+                    new.attribute.remove(a)
+            if value is not None:
+                new.attribute.append(helper.make_attribute(key, value))
+        return new
+
+    def slice_node(self, tensor: str, axes: Sequence[int], starts: Sequence[int], ends: Sequence[int],
+                   base: str) -> onnx.NodeProto:
+        s = self.const(f"{base}_starts", np.array(starts, dtype=np.int64))
+        e = self.const(f"{base}_ends", np.array(ends, dtype=np.int64))
+        a = self.const(f"{base}_axes", np.array(axes, dtype=np.int64))
+        return self.make("Slice", [tensor, s, e, a], base)
+
+    def replace(self, removed: Iterable[str], added: Sequence[onnx.NodeProto]) -> None:
+        """Remove the named nodes and insert `added` where the first removed one stood."""
+        removed = set(removed)
+        pos = next((i for i, n in enumerate(self.nodes) if n.name in removed), len(self.nodes))
+        keep = [n for n in self.nodes if n.name not in removed]
+        before = sum(1 for n in self.nodes[:pos] if n.name not in removed)
+        self.nodes = keep[:before] + list(added) + keep[before:]
+
+    def build(self, new_regions: Sequence[RegionRecord], dims: Mapping[str, int] | None = None) -> Graph:
+        """Sort, prune unused initializers, record the regions and re-infer: a new Graph, same source hash."""
+        g = self.model.graph
+        nodes = _topological(self.nodes, {i.name for i in g.input} | set(self.inits))
+        used = {r for n in nodes for r in n.input}
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.initializer[:]
+        g.initializer.extend(t for name, t in self.inits.items() if name in used)
+        del g.value_info[:]
+        regions = self.regions + [r.to_dict() for r in new_regions]
+        for p in list(self.model.metadata_props):
+            if p.key == REGIONS_KEY:
+                self.model.metadata_props.remove(p)
+        self.model.metadata_props.add(key=REGIONS_KEY, value=json.dumps(regions))
+        new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
+        return replace(new, path=self.graph.path)
+
+
+def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """Stable Kahn sort: keeps the given order wherever the dependencies allow."""
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[r] for r in node_references(n) if r in producer} for n in nodes]
+    users: dict[int, list[int]] = defaultdict(list)
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    indeg = [len(d) for d in deps]
+    ready = [i for i, d in enumerate(indeg) if d == 0]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        i = heapq.heappop(ready)
+        out.append(nodes[i])
+        for j in users[i]:
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                heapq.heappush(ready, j)
+    if len(out) != len(nodes):
+        raise SplitError("internal error: the rewritten graph has a cycle")
+    return out
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def static_shape(graph: Graph, tensor: str) -> tuple[int, ...]:
+    shape = graph.tensors[tensor].shape
+    return tuple(d if isinstance(d, int) else -1 for d in shape)

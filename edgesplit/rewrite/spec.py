@@ -1,0 +1,182 @@
+"""Horizontal specs from a mapping file: AutoDiCE's `{layer: [kind, [split points], [devices]]}` as is, and a
+YAML/JSON form with `regions:` (layers from..to, split kind, devices, optional weights / points / grid) next to an
+optional vertical `devices:` mapping (hybrid).
+
+```yaml
+devices:                      # optional: vertical placement of every layer not in a region (AutoDiCE form)
+  dev0: [{from: conv1, to: relu3}]
+  dev1: [{from: conv4, to: softmax}]
+regions:
+  - layers: {from: conv2, to: conv3}
+    split: fused-channels     # lop | lip | height | width | grid | fused-channels | fused-spatial
+    devices: [dev0, dev2]
+    weights: [2, 1]           # optional, default: the devices' speed
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import MappingError
+from edgesplit.graph import Graph
+from edgesplit.rewrite.base import KINDS, SplitRequest
+from edgesplit.rewrite.fused import lop_units
+from edgesplit.rewrite.spatial import GLOBAL, WINDOWED
+
+AUTODICE_KINDS = ("lop", "lip", "height", "width")
+PER_LAYER = ("lop", "lip", "height", "width", "grid")
+
+
+@dataclass(frozen=True)
+class HorizontalSpec:
+    requests: tuple[SplitRequest, ...]
+    vertical: Mapping[str, Any] | None  # AutoDiCE {device: [layer | {from, to}]} for the rest, or None
+
+
+def is_horizontal(mapping: Any) -> bool:
+    """Does this mapping ask for horizontal regions (AutoDiCE horizontal entries or a `regions:` list)?"""
+    if not isinstance(mapping, dict):
+        return False
+    return "regions" in mapping or any(_is_autodice(v) for v in mapping.values())
+
+
+def _is_autodice(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and isinstance(value[0], str) and isinstance(value[1], list) \
+        and isinstance(value[2], list) and value[0] in KINDS
+
+
+def parse(graph: Graph, cluster: Cluster, mapping: Any) -> HorizontalSpec:
+    """Turn a mapping into split requests and the vertical remainder; every problem is reported at once."""
+    if not isinstance(mapping, dict):
+        raise MappingError(f"expected a mapping (JSON object / YAML mapping), got {type(mapping).__name__}")
+    problems: list[str] = []
+    requests: list[SplitRequest] = []
+    vertical: dict[str, Any] = {}
+    if "regions" in mapping:
+        extra = set(mapping) - {"regions", "devices"}
+        if extra:
+            problems.append(f"unexpected top-level key(s) {sorted(extra)}; expected 'regions' and optionally 'devices'")
+        if not isinstance(mapping["regions"], list):
+            problems.append(f"'regions' must be a list of regions, got {type(mapping['regions']).__name__}")
+        else:
+            for i, item in enumerate(mapping["regions"]):
+                requests.extend(_region(graph, item, f"regions[{i}]", problems))
+        vertical = dict(mapping.get("devices") or {})
+    else:
+        for key, value in mapping.items():
+            if _is_autodice(value):
+                kind, points, devices = value
+                if kind not in AUTODICE_KINDS:
+                    problems.append(f"layer {key!r}: AutoDiCE horizontal kind must be one of {list(AUTODICE_KINDS)}, "
+                                    f"got {kind!r} (use the regions: form for {kind})")
+                    continue
+                requests.extend(_region(graph, {"layers": key, "split": kind, "points": points, "devices": devices},
+                                        f"layer {key!r}", problems))
+            elif isinstance(value, list) and value and isinstance(value[0], str) and value[0] in KINDS:
+                problems.append(f"{key!r}: expected [kind, [split points], [devices]], got {value!r}")
+            else:
+                vertical[key] = value
+    if problems:
+        raise MappingError("invalid horizontal mapping:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return HorizontalSpec(tuple(requests), vertical or None)
+
+
+def _region(graph: Graph, item: Any, where: str, problems: list[str]) -> list[SplitRequest]:
+    if not isinstance(item, dict):
+        problems.append(f"{where}: expected a mapping with layers, split, devices; got {item!r}")
+        return []
+    missing = [k for k in ("layers", "split", "devices") if k not in item]
+    if missing:
+        problems.append(f"{where}: missing key(s) {missing}")
+        return []
+    kind = str(item["split"])
+    if kind not in KINDS:
+        problems.append(f"{where}: unknown split {kind!r}; expected one of {list(KINDS)}")
+        return []
+    devices = item["devices"]
+    if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
+        problems.append(f"{where}: 'devices' must be a list of device names, got {devices!r}")
+        return []
+    layers = expand(graph, item["layers"], where, problems)
+    if not layers:
+        return []
+    weights = item.get("weights")
+    points = item.get("points")
+    grid = item.get("grid")
+    for key, value in (("weights", weights), ("points", points), ("grid", grid)):
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value)):
+            problems.append(f"{where}: {key!r} must be a list of numbers, got {value!r}")
+            return []
+    if grid is not None and len(grid) != 2:
+        problems.append(f"{where}: 'grid' must be [rows, cols], got {grid!r}")
+        return []
+    make = lambda ls: SplitRequest(kind, tuple(ls), tuple(devices), tuple(weights) if weights else None,  # noqa: E731
+                                   tuple(int(p) for p in points) if points is not None else None,
+                                   tuple(int(g) for g in grid) if grid else None, str(item.get("axis", "")))
+    if kind not in PER_LAYER or len(layers) == 1:
+        return [make(layers)]
+    heads = [l for l in layers if _head_ok(graph, l, kind)]
+    if not heads:
+        problems.append(f"{where}: no layer in {layers[0]!r} .. {layers[-1]!r} can be split by {kind}")
+    if points is not None and len(heads) > 1:
+        problems.append(f"{where}: split points apply to one layer; the range has {len(heads)} layers to split")
+    return [make([h]) for h in heads]
+
+
+def _head_ok(graph: Graph, name: str, kind: str) -> bool:
+    op = graph.layer(name).op_type
+    if kind in ("lop", "lip"):
+        return lop_units(graph, name) > 0
+    return op in WINDOWED | GLOBAL
+
+
+def expand(graph: Graph, spec: Any, where: str, problems: list[str]) -> list[str]:
+    """A layer name, a list of names, or {from: a, to: b} (inclusive, topological order)."""
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, dict):
+        if set(spec) != {"from", "to"}:
+            problems.append(f"{where}: expected layers as a name, a list or {{from: a, to: b}}, got {spec!r}")
+            return []
+        a, b = str(spec["from"]), str(spec["to"])
+        bad = [x for x in (a, b) if not graph.has_layer(x)]
+        if bad:
+            problems.extend(f"{where}: unknown layer {x!r}" for x in bad)
+            return []
+        i, j = graph.position(a), graph.position(b)
+        if i > j:
+            problems.append(f"{where}: {a!r} comes after {b!r} in topological order")
+            return []
+        return [l.name for l in graph.layers[i: j + 1]]
+    if isinstance(spec, list) and all(isinstance(x, str) for x in spec) and spec:
+        bad = [x for x in spec if not graph.has_layer(x)]
+        if bad:
+            problems.extend(f"{where}: unknown layer {x!r}" for x in bad)
+            return []
+        return sorted(spec, key=graph.position)
+    problems.append(f"{where}: expected layers as a name, a list or {{from: a, to: b}}, got {spec!r}")
+    return []
+
+
+def vertical_placement(graph: Graph, cluster: Cluster, vertical: Mapping[str, Any],
+                       covered: set[str]) -> dict[str, str]:
+    """The vertical part of a hybrid mapping: every layer outside the regions must be given a device."""
+    problems: list[str] = []
+    placement: dict[str, str] = {}
+    for device, items in vertical.items():
+        if device not in cluster.names:
+            problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}")
+        for item in items if isinstance(items, list) else [items]:
+            for layer in expand(graph, item, f"device {device!r}", problems):
+                placement[layer] = device
+    missing = [l.name for l in graph.layers if l.name not in placement and l.name not in covered]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        problems.append(f"{len(missing)} layer(s) outside the horizontal regions have no device: {shown}")
+    if problems:
+        raise MappingError("invalid hybrid mapping:\n  " + "\n  ".join(dict.fromkeys(problems)))
+    return placement

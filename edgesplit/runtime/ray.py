@@ -1,0 +1,570 @@
+"""The ray executor: one long-lived actor per device, tensors from actor to actor, many requests in flight.
+
+The driver feeds inputs and collects outputs; every intermediate tensor is an ObjectRef handed from the producing
+actor's call to the consuming actor's call (or, in the steady state, a Ray Compiled Graph channel). Results come
+back in submission order. A device that dies or stays silent past the deadline is marked down, every request in
+flight that used it is re-routed (`failures.route`: replica, else zeros if degraded answers are allowed, else a
+`DeviceFailedError`), and a down device is probed until it answers again, when it rejoins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError
+
+from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, PlanError, StageError
+from edgesplit.plan import Plan
+from edgesplit.runtime import raycluster
+from edgesplit.runtime.common import RunResult, check_inputs, session_options
+from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, Fill, RequestFailed, Route, Router,
+                                        RunReport, Tally)
+
+DATAPLANES = ("auto", "compiled", "tasks")
+MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
+WARMUP_TIMEOUT = 120.0
+COMPILE_COOLDOWN = 5.0
+TEARDOWN_WAIT = 2.0
+COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before a compiled graph is built again
+
+
+# Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
+# still blocked on a tensor from a silent device; the driver restores the order of the answers.
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1}, allow_out_of_order_execution=True)
+class DeviceWorker:
+    """One device: its own stages only, onnxruntime threads = the device's cores. `ping`/`stats` never queue behind
+    a running stage (own concurrency group), so a busy device is told apart from a silent one."""
+
+    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
+                 threads: int) -> None:
+        import onnxruntime as ort
+        import psutil
+
+        self.device = device
+        self.process = psutil.Process()
+        self.rss_start = self.process.memory_info().rss
+        self.inputs = {name: ins for name, ins, _, _ in stages}
+        self.outputs = {name: list(outs) for name, _, outs, _ in stages}
+        self.sessions = {name: _lean_session(model, threads) for name, _, _, model in stages}
+        del stages
+        self.rss_loaded = self.process.memory_info().rss
+        self.trimmed = False
+        self.bytes_in: dict[str, int] = defaultdict(int)  # "stage/tensor" -> bytes received
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def run(self, stage: str, *args: Any) -> Any:
+        if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
+            self.trimmed = _trim()
+        feeds = {}
+        for name, value in zip(self.inputs[stage], args):
+            if isinstance(value, Fill):
+                value = value.array()
+            else:
+                self.bytes_in[f"{stage}/{name}"] += value.nbytes
+            feeds[name] = value
+        t0 = time.perf_counter()
+        out = self.sessions[stage].run(self.outputs[stage], feeds)
+        self.seconds[stage] += time.perf_counter() - t0
+        self.calls[stage] += 1
+        return out[0] if len(out) == 1 else tuple(out)
+
+    @ray.method(concurrency_group="health")
+    def ping(self) -> str:
+        return self.device
+
+    @ray.method(concurrency_group="health")
+    def stats(self) -> dict[str, Any]:
+        mem = self.process.memory_full_info()
+        return {"device": self.device, "pid": self.process.pid, "rss": mem.rss, "uss": mem.uss,
+                "rss_start": self.rss_start, "rss_loaded": self.rss_loaded, "bytes_in": dict(self.bytes_in),
+                "seconds": dict(self.seconds), "calls": dict(self.calls)}
+
+
+def _lean_session(model: bytes, threads: int) -> Any:
+    """An onnxruntime session holding about its parameters once: optimise once into a file (fusions made at load
+    time keep the unfused weights alive as well), then load that file with optimisations off and no arena. The
+    optimised graph is the one the local executor runs, so outputs stay bitwise identical."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgesplit-stage-") as tmp:
+        source, optimised = Path(tmp) / "stage.onnx", Path(tmp) / "stage.opt.onnx"
+        source.write_bytes(model)
+        opts = session_options(threads)
+        opts.optimized_model_filepath = str(optimised)
+        try:
+            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - some graphs cannot be saved optimised: run them as they are
+            return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        _trim()
+        lean = session_options(threads)
+        lean.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        lean.enable_cpu_mem_arena = False  # the arena keeps peak activations for ever; an edge device cannot
+        session = ort.InferenceSession(str(optimised), lean, providers=["CPUExecutionProvider"])
+    _trim()
+    return session
+
+
+def _trim() -> bool:
+    """Hand freed heap back to the OS (glibc), so resident memory shows what is really in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+class RayExecutor:
+    """Deploys a Plan on Ray (a cluster at `address`, else a local instance simulating the plan's devices)."""
+
+    def __init__(self, plan: Plan, address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
+                 deadline: float = 30.0, dataplane: str = "auto", rejoin_interval: float | None = 1.0,
+                 connect_timeout: float = 10.0, ready_timeout: float = 60.0, ping_timeout: float = 5.0) -> None:
+        if dataplane not in DATAPLANES:
+            raise EdgesplitError(f"expected dataplane one of {list(DATAPLANES)}, got {dataplane!r}")
+        if not deadline > 0:
+            raise EdgesplitError(f"expected a deadline > 0 seconds, got {deadline}")
+        problems = plan.validate()
+        if problems:
+            raise PlanError("refusing an invalid plan:\n  " + "\n  ".join(problems))
+        self.plan = plan
+        self.router = Router(plan, allow_degraded)
+        self.deadline = deadline
+        self.ping_timeout = min(ping_timeout, deadline)  # a live device answers a ping at once, even when busy
+        self.dataplane = dataplane
+        self.chosen: str | None = None if dataplane == "auto" else dataplane  # auto: decided by calibrate()
+        self.calibration: dict[str, float] = {}
+        self.compile_error = ""  # why the last attempt at a compiled graph failed (then actor calls are used)
+        self.rejoin_interval = rejoin_interval
+        self.threads = threads
+        self.started_ray = raycluster.connect(plan.cluster, plan.devices, address, connect_timeout)
+        self.down: dict[str, str] = {}  # device -> why ("died" | "silent")
+        self.listeners: list[Callable[[Event], None]] = []
+        self._probes: dict[str, ray.ObjectRef] = {}
+        self._last_probe = 0.0
+        self._compiled: Any = None
+        self._compile_after = 0.0
+        self._teardown: threading.Thread | None = None
+        self._default: Session | None = None
+        self._models = {d: ray.put([(s.name, s.inputs, s.outputs, s.model) for s in self.router.specs if s.device == d])
+                        for d in plan.devices}
+        self.actors = {d: self._spawn(d) for d in plan.devices}
+        self._wait_ready(ready_timeout)
+
+    # ---- actors ----
+
+    def _spawn(self, device: str) -> Any:
+        threads = self.threads or self.plan.cluster.device(device).cores
+        pinned = DeviceWorker.options(resources={raycluster.resource(device): 0.001})
+        return pinned.remote(device, self._models[device], threads)
+
+    def _wait_ready(self, timeout: float) -> None:
+        refs = {d: a.ping.remote() for d, a in self.actors.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        late = [d for d, r in refs.items() if r not in ready]
+        failed = []
+        for d, r in refs.items():
+            if r in ready:
+                try:
+                    ray.get(r)
+                except RayError as exc:
+                    failed.append(f"{d}: {_first_line(exc)}")
+        if late or failed:
+            self.close()
+            raise raycluster.ClusterError(
+                "device actors did not start:\n  " + "\n  ".join(
+                    [f"{d}: not ready within {timeout:g} s (is its node alive and registered?)" for d in late]
+                    + failed))
+
+    def check(self, devices: Iterable[str]) -> dict[str, str]:
+        """Ping devices (not already down); those that fail are 'died', those that do not answer in time 'silent'."""
+        refs = {d: self.actors[d].ping.remote() for d in devices if d not in self.down}
+        if not refs:
+            return {}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.ping_timeout)
+        lost = {}
+        for d, ref in refs.items():
+            if ref not in ready:
+                lost[d] = "silent"
+                continue
+            try:
+                ray.get(ref)
+            except RayError:
+                lost[d] = "died"
+        return lost
+
+    def mark_down(self, device: str, reason: str, stage: str, request: int) -> None:
+        if device not in self.down:
+            self.down[device] = reason
+            self._probes.pop(device, None)
+            self.drop_compiled()
+            self._emit(DeviceLost(device, stage, request, reason))
+
+    def probe(self, force: bool = False) -> tuple[str, ...]:
+        """Give down devices a chance to rejoin (non-blocking); returns the devices that rejoined."""
+        now = time.monotonic()
+        due = self.rejoin_interval is not None and now - self._last_probe >= self.rejoin_interval
+        if not self.down or not (force or due):
+            return ()
+        self._last_probe = now
+        back = []
+        for d, reason in list(self.down.items()):
+            ref = self._probes.get(d)
+            if ref is None:
+                if reason == "died":  # a fresh actor: Ray places it once a node advertising the device is alive
+                    self.actors[d] = self._spawn(d)
+                self._probes[d] = self.actors[d].ping.remote()
+                continue
+            if not ray.wait([ref], timeout=0)[0]:
+                continue
+            del self._probes[d]
+            try:
+                ray.get(ref)
+            except RayError:
+                self.down[d] = "died"
+                continue
+            del self.down[d]
+            back.append(d)
+            self._emit(DeviceRejoined(d))
+        return tuple(back)
+
+    def rejoin(self, timeout: float = 30.0) -> tuple[str, ...]:
+        """Wait up to `timeout` for every down device to answer again; returns those that rejoined."""
+        back: list[str] = []
+        end = time.monotonic() + timeout
+        while self.down and time.monotonic() < end:
+            back.extend(self.probe(force=True))
+            time.sleep(0.05)
+        return tuple(back)
+
+    def _emit(self, event: Event) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    # ---- compiled graph for the steady state (all devices up) ----
+
+    def compiled_for(self, route: Route, arrays: Mapping[str, np.ndarray]) -> Any:
+        if self.chosen != "compiled" or self.down or route.fills or route.sources:
+            return None
+        if self._compiled is None:
+            if self._teardown is not None:
+                self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
+            if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
+                return None
+            self._compiled = self._compile(route, arrays)
+        return self._compiled
+
+    def _compile(self, route: Route, arrays: Mapping[str, np.ndarray]) -> Any:
+        from ray.dag import InputNode, MultiOutputNode
+
+        with InputNode() as inp:
+            nodes: dict[str, Any] = {t: inp[i] for i, t in enumerate(self.router.inputs)}
+            for spec in route.stages:
+                k = len(spec.outputs)
+                call = self.actors[spec.device].run.options(num_returns=k)
+                node = call.bind(spec.name, *(nodes[t] for t in spec.inputs))
+                nodes.update(zip(spec.outputs, [node[i] for i in range(k)] if k > 1 else [node]))
+            dag = MultiOutputNode([nodes[t] for t in self.router.outputs])
+        try:
+            compiled = dag.experimental_compile(_max_inflight_executions=MAX_IN_FLIGHT)
+            # the first execution sets the channels up (seconds); keep that out of any request's deadline
+            ray.get(compiled.execute(*(arrays[t] for t in self.router.inputs)), timeout=WARMUP_TIMEOUT)
+            return compiled
+        except Exception as exc:  # noqa: BLE001 - any compile failure falls back to ordinary actor calls
+            self.compile_error = f"cannot build a Ray Compiled Graph for this plan: {_first_line(exc)}"
+            self._compile_after = time.monotonic() + COMPILE_COOLDOWN
+            return None
+
+    @property
+    def compiled_graph_active(self) -> bool:
+        return self._compiled is not None
+
+    def calibrate(self, inputs: Mapping[str, object], burst: int = 12, rounds: int = 2) -> dict[str, float]:
+        """Requests per second of short pipelined bursts on each dataplane (best of `rounds`, alternating); the
+        faster one is kept.
+
+        Compiled Graphs cut the per-hop cost several times but their channel readers poll: on a device with few
+        cores that polling takes CPU from the stages, so which one wins depends on the plan and the devices."""
+        rates = {"tasks": 0.0, "compiled": 0.0}
+        for _ in range(rounds):
+            for plane in rates:
+                self.chosen = plane
+                session = Session(self, burst, listen=False)
+                list(session.stream([inputs] * 2))
+                if plane == "compiled" and self._compiled is None:
+                    continue  # no compiled graph for this plan
+                t0 = time.perf_counter()
+                answers = list(session.stream([inputs] * burst))
+                if not any(isinstance(a, EdgesplitError) for a in answers):
+                    rates[plane] = max(rates[plane], burst / (time.perf_counter() - t0))
+                if plane == "compiled":
+                    self.drop_compiled(cooldown=False)  # its polling must not slow the next tasks burst
+        # compiled must win clearly: it also costs a rebuild (seconds) after every failure, and CPU while idle
+        self.chosen = "compiled" if rates["compiled"] > COMPILED_MARGIN * rates["tasks"] else "tasks"
+        self.calibration = rates
+        return rates
+
+    def drop_compiled(self, cooldown: bool = True) -> None:
+        """Tear the compiled graph down in the background: a silent actor must not stall the driver."""
+        if self._compiled is not None:
+            dag = self._compiled
+            self._teardown = threading.Thread(target=_quiet_teardown, args=(dag,), daemon=True)
+            self._teardown.start()
+            self._compile_after = time.monotonic() + (COMPILE_COOLDOWN if cooldown else 0.0)
+        self._compiled = None
+
+    # ---- running ----
+
+    def session(self, max_in_flight: int | None = None) -> Session:
+        return Session(self, max_in_flight)
+
+    def run(self, inputs: Mapping[str, object]) -> RunResult:
+        self._default = self._default or self.session(1)
+        return self._default.run(inputs)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per live device: process memory (before and after loading its stages), bytes received, stage seconds."""
+        live = {d: a for d, a in self.actors.items() if d not in self.down}
+        refs = {d: a.stats.remote() for d, a in live.items()}
+        return dict(zip(refs, ray.get(list(refs.values()), timeout=self.ping_timeout * 5)))
+
+    def close(self) -> None:
+        if self._compiled is not None:
+            _quiet_teardown(self._compiled)
+            self._compiled = None
+        for actor in getattr(self, "actors", {}).values():
+            ray.kill(actor)
+        self.actors = {}
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    route: Route | None = None
+    refs: dict[str, list[Any]] = field(default_factory=dict)  # stage -> output refs
+    outputs: list[Any] = field(default_factory=list)
+    compiled: Any = None  # a CompiledDAGRef when sent through the compiled graph, until it is read
+    via_compiled: bool = False
+    error: EdgesplitError | None = None
+    head_since: float | None = None
+
+
+class Session:
+    """Requests in flight on a RayExecutor, answered in order; `report()` counts full / degraded / failed."""
+
+    def __init__(self, executor: RayExecutor, max_in_flight: int | None = None, listen: bool = True) -> None:
+        self.ex = executor
+        self.max_in_flight = min(max_in_flight or max(4, 2 * len(executor.router.specs)), MAX_IN_FLIGHT)
+        self.tally = Tally()
+        self._ids = itertools.count()
+        if listen:
+            executor.listeners.append(self.tally.event)
+
+    def report(self) -> RunReport:
+        return self.tally.report()
+
+    def run(self, inputs: Mapping[str, object]) -> RunResult:
+        (result,) = list(self.stream([inputs], raise_errors=True))
+        return result
+
+    def stream(self, inputs: Iterable[Mapping[str, object]],
+               raise_errors: bool = False) -> Iterator[RunResult | EdgesplitError]:
+        """Answers in submission order: a RunResult, or the error that request got (raised if `raise_errors`)."""
+        source = iter(inputs)
+        if self.ex.chosen is None and not self.ex.down:
+            first = next(source, None)
+            if first is None:
+                return
+            source = itertools.chain([first], source)
+            try:
+                self.ex.calibrate(check_inputs(self.ex.plan.inputs, first))
+            except InputError:
+                pass  # that request will get its error in turn; calibrate on a later stream
+        queue: deque[_Request] = deque()
+        more = True
+        while True:
+            while more and len(queue) < self.max_in_flight:
+                item = next(source, None)
+                if item is None:
+                    more = False
+                else:
+                    queue.append(self._submit(item))
+            if not queue:
+                return
+            answer = self._collect(queue)
+            queue.popleft()
+            if raise_errors and isinstance(answer, EdgesplitError):
+                raise answer
+            yield answer
+
+    def _submit(self, inputs: Mapping[str, object]) -> _Request:
+        req = _Request(next(self._ids))
+        try:
+            req.arrays = check_inputs(self.ex.plan.inputs, inputs)
+        except InputError as exc:
+            req.error = exc
+            return req
+        self._dispatch(req)
+        return req
+
+    def _dispatch(self, req: _Request) -> None:
+        ex = self.ex
+        ex.probe()
+        req.refs, req.outputs, req.compiled, req.via_compiled = {}, [], None, False
+        try:
+            route = req.route = ex.router.route(frozenset(ex.down))
+        except DeviceFailedError as exc:
+            req.error = exc
+            return
+        dag = ex.compiled_for(route, req.arrays)
+        if dag is not None:
+            try:
+                req.compiled = dag.execute(*(req.arrays[t] for t in ex.router.inputs))
+                req.via_compiled = True
+                return
+            except RayError:  # the graph broke since the last request (an actor died): find out who, go on without
+                self._lose(req, deque(), ex.check(route.devices), rerun_compiled=True)
+                req.head_since = None
+                return self._dispatch(req)
+        dims = ex.router.dims(req.arrays)
+        values: dict[str, Any] = dict(req.arrays)
+        for spec in route.stages:
+            args = [route.fills[t].resolved(dims) if t in route.fills else values[route.source(t)] for t in spec.inputs]
+            k = len(spec.outputs)
+            out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args)
+            req.refs[spec.name] = [out] if k == 1 else list(out)
+            values.update(zip(spec.outputs, req.refs[spec.name]))
+        outputs = [values[t] for t in ex.router.outputs]
+        req.outputs = [v if isinstance(v, ray.ObjectRef) else ray.put(v) for v in outputs]
+
+    def _collect(self, queue: deque[_Request]) -> RunResult | EdgesplitError:
+        req = queue[0]
+        while True:
+            if req.error is not None:
+                self.tally.failed += 1
+                device, stage = getattr(req.error, "device", ""), getattr(req.error, "stage", "")
+                self.tally.event(RequestFailed(req.id, device, stage, str(req.error)))
+                return req.error
+            if req.head_since is None:
+                req.head_since = time.monotonic()
+            self.ex.probe()
+            left = max(0.0, req.head_since + self.ex.deadline - time.monotonic())
+            try:
+                values = self._wait(req, left)
+            except RayError as exc:
+                self._on_error(req, queue, exc)
+                continue
+            if values is not None:
+                assert req.route is not None
+                result = RunResult(dict(zip(self.ex.router.outputs, values)), req.route.missing_devices)
+                self.tally.answered(result.degraded)
+                return result
+            if time.monotonic() >= req.head_since + self.ex.deadline:
+                self._on_deadline(req, queue)
+
+    def _wait(self, req: _Request, left: float) -> list[np.ndarray] | None:
+        if req.compiled is not None:
+            ref, req.compiled = req.compiled, None  # a CompiledDAGRef can be read only once
+            try:
+                return list(ray.get(ref, timeout=left))
+            except (RayChannelTimeoutError, GetTimeoutError) as exc:
+                raise _CompiledLate(str(exc)) from None
+        step = min(left, self.ex.rejoin_interval) if self.ex.down and self.ex.rejoin_interval else left
+        ready, _ = ray.wait(req.outputs, num_returns=len(req.outputs), timeout=step)
+        if len(ready) < len(req.outputs):
+            return None
+        return ray.get(req.outputs)
+
+    def _on_error(self, req: _Request, queue: deque[_Request], exc: RayError) -> None:
+        assert req.route is not None
+        compiled = req.via_compiled
+        lost = self.ex.check(req.route.devices)
+        if not lost and compiled:
+            pass  # every device answers: retry on actor calls, which can tell which stage stalls or fails
+        elif not lost and not _is_channel_error(exc):
+            device, stage = self._failed_stage(req)
+            req.error = StageError(device, stage, req.id, _first_line(exc))
+            return
+        self._lose(req, queue, lost, rerun_compiled=compiled)
+
+    def _on_deadline(self, req: _Request, queue: deque[_Request]) -> None:
+        assert req.route is not None
+        lost = self.ex.check(req.route.devices)
+        if not lost:
+            stalled = self._stalled_stage(req)
+            if stalled is not None:
+                lost = {stalled: "silent"}  # answers pings, but its stage did not finish within the deadline
+        self._lose(req, queue, lost, rerun_compiled=False)
+
+    def _lose(self, req: _Request, queue: deque[_Request], lost: Mapping[str, str], rerun_compiled: bool) -> None:
+        for device, reason in lost.items():
+            stage = next((s.name for s in req.route.stages if s.device == device), "") if req.route else ""
+            self.ex.mark_down(device, reason, stage, req.id)
+        if rerun_compiled:
+            self.ex.drop_compiled()
+        for r in queue:
+            if r.error is None and r.route is not None and (
+                    r is req or r.compiled is not None or rerun_compiled or r.route.devices & set(lost)):
+                self._dispatch(r)
+        req.head_since = time.monotonic()
+
+    def _stalled_stage(self, req: _Request) -> str | None:
+        assert req.route is not None
+        for spec in req.route.stages:
+            refs = req.refs.get(spec.name, [])
+            if refs and len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) < len(refs):
+                return spec.device
+        return None
+
+    def _failed_stage(self, req: _Request) -> tuple[str, str]:
+        assert req.route is not None
+        for spec in req.route.stages:
+            try:
+                ray.get(req.refs.get(spec.name, []), timeout=0)
+            except (RayError, GetTimeoutError):
+                return spec.device, spec.name
+        return "?", "?"
+
+
+class _CompiledLate(RayError):
+    """The compiled graph did not answer within the deadline."""
+
+
+def _is_channel_error(exc: BaseException) -> bool:
+    from ray.exceptions import RayChannelError
+
+    return isinstance(exc, RayChannelError)
+
+
+def _quiet_teardown(dag: Any) -> None:
+    try:
+        dag.teardown()
+    except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; nothing is left to free
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,129 @@
+"""Connecting to Ray: start a local instance or join a cluster, then find the nodes that host each device.
+
+Convention shared with `edgesplit device join`: a node that hosts device NAME advertises the custom resource
+`edgesplit_device:NAME` with value 1; an actor for NAME asks for a sliver of it and so lands on that node.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import ClusterError
+
+RESOURCE = "edgesplit_device:"
+MIN_RAY = "2.52"  # the first Ray with token authentication
+
+
+def resource(device: str) -> str:
+    return RESOURCE + device
+
+
+def token_auth_supported() -> bool:
+    try:
+        from ray._raylet import AuthenticationMode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Host:
+    node_id: str
+    address: str
+
+
+def hosts(nodes: Iterable[Mapping]) -> dict[str, list[Host]]:
+    """Device name -> the alive nodes advertising it (from `ray.nodes()`); a node advertising 2 counts twice."""
+    found: dict[str, list[Host]] = {}
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        for key, value in (node.get("Resources") or {}).items():
+            if key.startswith(RESOURCE):
+                host = Host(str(node.get("NodeID", "?"))[:12], str(node.get("NodeManagerAddress", "?")))
+                found.setdefault(key[len(RESOURCE):], []).extend([host] * max(1, round(value)))
+    return found
+
+
+def check_devices(found: Mapping[str, list[Host]], wanted: Iterable[str]) -> None:
+    """Every wanted device registered exactly once, else one ClusterError listing every problem."""
+    wanted = list(wanted)
+    problems = []
+    missing = [d for d in wanted if d not in found]
+    if missing:
+        present = sorted(found) or "none"
+        problems.append(f"the plan's devices {missing} are not in the Ray cluster (registered devices: {present}); "
+                        f"run `edgesplit device join HEAD --name NAME` on each")
+    for d in wanted:
+        if len(found.get(d, ())) > 1:
+            where = ", ".join(f"{h.address} (node {h.node_id})" for h in found[d])
+            problems.append(f"device {d!r} is registered {len(found[d])} times ({where}); expected exactly once")
+    if problems:
+        raise ClusterError("cannot deploy the plan:\n  " + "\n  ".join(problems))
+
+
+def probe_head(address: str, timeout: float) -> None:
+    """Fail fast, naming the address, when the head does not answer (Ray itself would retry for a minute)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"expected a head address HOST:PORT (e.g. 10.0.0.1:6379), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"the Ray head at {address} did not answer within {timeout:g} s ({exc})") from None
+    _gcs_answers(f"{host}:{port}", timeout)
+
+
+def _gcs_answers(address: str, timeout: float) -> None:
+    """Something listens on the port; check that it is a Ray GCS that talks to us, in a thread we can abandon."""
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            from ray._raylet import GcsClient
+
+            GcsClient(address=address, cluster_id=None)  # connecting fetches the cluster id
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - carried over to the caller's thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise ClusterError(f"the Ray head at {address} accepted a connection but did not answer as Ray "
+                           f"within {timeout:g} s")
+    exc = outcome[0]
+    if exc is not None:
+        if "auth" in str(exc).lower() or type(exc).__name__ == "AuthenticationError":
+            raise ClusterError(f"the Ray head at {address} refused us: token authentication failed; put the cluster's "
+                               f"token in RAY_AUTH_TOKEN or ~/.ray/auth_token ({str(exc).splitlines()[0]})") from None
+        raise ClusterError(f"the Ray head at {address} did not answer as Ray: {str(exc).splitlines()[0]}") from None
+
+
+def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None, timeout: float = 10.0) -> bool:
+    """Make sure Ray runs and hosts every device once; returns True when this call started a local Ray instance."""
+    import ray
+
+    devices = list(devices)
+    started = False
+    if address:
+        if not token_auth_supported():
+            raise ClusterError(f"Ray {ray.__version__} has no token authentication; edgesplit needs Ray >= {MIN_RAY} "
+                               f"to join a cluster (pip install 'ray[default]>={MIN_RAY}')")
+        if address != "auto":
+            probe_head(address, timeout)
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            cores = sum(cluster.device(d).cores for d in devices)
+            ray.init(num_cpus=max(cores, 1), resources={resource(d): 1 for d in devices}, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+            started = True
+    check_devices(hosts(ray.nodes()), devices)
+    return started

@@ -1,0 +1,129 @@
+"""`edgesplit run --stream`: read many requests, stream them through an executor with a progress bar, write answers.
+
+A stream is an .npz whose arrays all share a leading request axis (request i is `{name: array[i]}`), or a
+directory of .npz files, one request each, taken in name order. The answers file holds each output stacked over
+requests plus `__status__` (0 full, 1 degraded, 2 failed; a failed request's outputs are NaN or 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from edgesplit.errors import EdgesplitError, InputError
+from edgesplit.plan import Plan
+from edgesplit.runtime.common import RunResult
+from edgesplit.runtime.failures import RunReport, Tally
+
+STATUS = {"full": 0, "degraded": 1, "failed": 2}
+
+
+def read_requests(path: Path) -> list[dict[str, np.ndarray]]:
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise InputError(f"expected a directory of .npz files (one request each), {str(path)!r} has none")
+        return [_npz(f) for f in files]
+    data = _npz(path)
+    counts = {k: v.shape[0] if v.ndim else None for k, v in data.items()}
+    if not data or None in counts.values() or len(set(counts.values())) != 1:
+        raise InputError(f"expected {path} to hold arrays sharing a leading request axis, got shapes "
+                         f"{ {k: list(v.shape) for k, v in data.items()} }")
+    n = next(iter(counts.values()))
+    return [{k: v[i] for k, v in data.items()} for i in range(n)]
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise InputError(f"expected an .npz file or a directory of them, {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a readable .npz file: {exc}") from None
+
+
+def stream_local(plan: Plan, requests: list[dict[str, np.ndarray]], tally: Tally, threads: int | None = None,
+                 allow_degraded: bool = False) -> Iterator[RunResult | EdgesplitError]:
+    from edgesplit.runtime.local import LocalExecutor
+
+    executor = LocalExecutor(plan, threads=threads, allow_degraded=allow_degraded)
+    for inputs in requests:
+        try:
+            result = executor.run(inputs)
+        except EdgesplitError as exc:
+            tally.failed += 1
+            yield exc
+            continue
+        tally.answered(result.degraded)
+        yield result
+
+
+def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Console, backend: str = "local",
+               address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
+               deadline: float = 30.0, dataplane: str = "auto") -> tuple[list[RunResult | EdgesplitError], RunReport]:
+    """Answers in request order and the run's report; a progress bar while it runs."""
+    answers: list[RunResult | EdgesplitError] = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(f"{backend} {plan.model_name}", total=len(requests), rate="")
+        if backend == "ray":
+            from edgesplit.runtime.ray import RayExecutor
+
+            with RayExecutor(plan, address=address, threads=threads, allow_degraded=allow_degraded,
+                             deadline=deadline, dataplane=dataplane) as ex:
+                session = ex.session()
+                tally = session.tally
+                for answer in session.stream(requests):
+                    answers.append(answer)
+                    progress.update(task, advance=1, rate=_rate(len(answers), tally))
+        else:
+            tally = Tally()
+            for answer in stream_local(plan, requests, tally, threads, allow_degraded):
+                answers.append(answer)
+                progress.update(task, advance=1, rate=_rate(len(answers), tally))
+    return answers, tally.report()
+
+
+def write_answers(path: Path, plan: Plan, answers: list[RunResult | EdgesplitError], stacked: bool = True) -> None:
+    """Stack every output over requests (failed ones NaN, or 0 for integer outputs) plus a status array;
+    unstacked (one request): its outputs as they are, nothing written if it failed."""
+    example = next((a for a in answers if isinstance(a, RunResult)), None)
+    arrays: dict[str, np.ndarray] = {}
+    if not stacked:
+        if example is None:
+            return
+        arrays = dict(example.outputs)
+    elif example is not None:
+        for name, value in example.outputs.items():
+            blank = np.full_like(value, np.nan) if value.dtype.kind == "f" else np.zeros_like(value)
+            arrays[name] = np.stack([a.outputs[name] if isinstance(a, RunResult) else blank for a in answers])
+    if stacked:
+        arrays["__status__"] = np.array([_status(a) for a in answers], dtype=np.int8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _status(answer: RunResult | EdgesplitError) -> int:
+    if not isinstance(answer, RunResult):
+        return STATUS["failed"]
+    return STATUS["degraded" if answer.degraded else "full"]
+
+
+def _rate(done: int, tally: Tally) -> str:
+    return f"{done / max(tally.report().seconds, 1e-9):.1f} req/s"
+
+
+def describe_failures(answers: list[RunResult | EdgesplitError]) -> Mapping[str, int]:
+    """Distinct error messages and how many requests got each."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        if isinstance(a, EdgesplitError):
+            counts[str(a)] = counts.get(str(a), 0) + 1
+    return counts

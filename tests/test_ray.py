@@ -1,0 +1,325 @@
+"""The ray executor on one local Ray instance shared by the whole test session (devices dev0..dev3 simulated).
+
+Correctness: identical outputs to the local executor on vertical, horizontal and hybrid plans, through ordinary
+actor calls and through Ray Compiled Graphs, one request or a pipelined stream. Failures are injected from outside
+the executor (`kill`, `stall`): every request gets an answer or a clear error.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgesplit.cluster import Cluster, Device
+from edgesplit.errors import ClusterError, DeviceFailedError, EdgesplitError
+from edgesplit.pipeline import partition
+from edgesplit.runtime import raycluster
+from edgesplit.runtime.common import RunResult, random_inputs
+from edgesplit.runtime.failures import DeviceLost, DeviceRejoined
+from edgesplit.runtime.local import LocalExecutor, run_whole_model
+from test_failures import HORIZONTAL, HYBRID, split_conv_plan
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+DEVICES = ("dev0", "dev1", "dev2", "dev3")
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the session: the four simulated devices, and one name registered twice."""
+    started = not ray.is_initialized()
+    if started:
+        resources = {raycluster.resource(d): 1 for d in DEVICES} | {raycluster.resource("twice"): 2}
+        ray.init(num_cpus=4, resources=resources, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def executor(plan, **kw):
+    from edgesplit.runtime.ray import RayExecutor
+
+    return RayExecutor(plan, **kw)
+
+
+# ---- fault injection: wraps the executor from outside, never part of the plan ----
+
+def kill(ex, device: str) -> float:
+    """Kill a device's actor process, as a crash would; returns when it happened."""
+    ray.kill(ex.actors[device])
+    return time.monotonic()
+
+
+def stall(ex, device: str, seconds: float) -> None:
+    """Keep a device alive but busy: its stage queue makes no progress for `seconds`."""
+    ex.actors[device].__ray_call__.remote(lambda self: time.sleep(seconds))
+
+
+@pytest.fixture(scope="module")
+def vertical(zoo_graphs):
+    graph = zoo_graphs["resnet"]
+    return {n: partition(graph, Cluster.simulated(n)) for n in (2, 3)}, graph
+
+
+@pytest.fixture(scope="module")
+def plans(vertical):
+    split, graph = vertical
+    found = {"vertical2": split[2], "vertical3": split[3], "horizontal": split_conv_plan(HORIZONTAL)[0],
+             "hybrid": split_conv_plan(HYBRID)[0]}
+    try:
+        from edgesplit.rewrite.partition import partition as split_horizontally
+    except ImportError:  # the rewrite package is optional for this module; its plans are then skipped
+        return found
+    for strategy in ("horizontal", "hybrid"):
+        found[f"rewrite-{strategy}"] = split_horizontally(graph, Cluster.simulated(3), strategy=strategy)
+    return found
+
+
+def _requests(plan, n: int, batch: int = 1):
+    return [random_inputs(plan.inputs, {"batch": batch}, seed=i) for i in range(n)]
+
+
+def _same(result: RunResult, reference: RunResult) -> None:
+    assert result.outputs.keys() == reference.outputs.keys()
+    for name in reference.outputs:
+        np.testing.assert_array_equal(result.outputs[name], reference.outputs[name])
+
+
+@pytest.mark.parametrize("name", ["vertical2", "vertical3", "horizontal", "hybrid", "rewrite-horizontal", "rewrite-hybrid"])
+def test_outputs_identical_to_local_executor_for_both_dataplanes(ray_instance, plans, name):
+    if name not in plans:
+        pytest.skip("edgesplit.rewrite is not available")
+    plan = plans[name]
+    local = LocalExecutor(plan, threads=1)
+    requests = _requests(plan, 6, batch=2)
+    with executor(plan, dataplane="auto" if name == "vertical2" else "tasks") as ex:
+        _same(ex.run(requests[0]), local.run(requests[0]))
+        if name == "vertical2":  # auto: measures both dataplanes on the first request and keeps the faster
+            assert set(ex.calibration) == {"tasks", "compiled"} and ex.chosen in ex.calibration
+        ex.chosen = "tasks"
+        for result, x in zip(ex.session(4).stream(requests), requests):
+            _same(result, local.run(x))
+        if name in ("horizontal", "hybrid"):
+            return  # their compiled runs are checked against the local executor in the failure tests below
+        ex.chosen = "compiled"
+        session = ex.session(4)
+        for result, x in zip(session.stream(requests), requests):
+            _same(result, local.run(x))
+        assert ex.compiled_graph_active, "the steady state should run on a compiled graph"
+        assert session.report().full == len(requests)
+
+
+def test_stream_keeps_order_with_many_in_flight_and_ships_what_the_plan_says(ray_instance, vertical):
+    split, graph = vertical
+    plan = split[2]
+    requests = _requests(plan, 24)
+    with executor(plan, dataplane="tasks") as ex:
+        before = ex.stats()
+        answers = list(ex.session(8).stream(requests))
+        after = ex.stats()
+    for answer, x in zip(answers, requests):
+        np.testing.assert_allclose(answer.outputs["output"], run_whole_model(graph.model, x)["output"], rtol=1e-4, atol=1e-5)
+    received = {d: sum(after[d]["bytes_in"].values()) - sum(before[d]["bytes_in"].values()) for d in after}
+    first = plan.stages[0].device
+    model_input = sum(t.nbytes for t in plan.inputs)
+    assert received[first] == len(requests) * model_input  # the requester's feed only
+    assert sum(received.values()) - received[first] == len(requests) * plan.wire_bytes()
+    for d in after:  # each device loaded only its own stages
+        assert set(after[d]["calls"]) == {s.name for s in plan.device_stages(d)}
+
+
+def test_dead_part_with_replica_mid_stream_answers_everything_in_full(ray_instance, plans):
+    plan = plans["horizontal"]
+    requests = _requests(plan, 30)
+    local = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane="tasks", rejoin_interval=None) as ex:
+        session = ex.session(6)
+        answers = []
+        for i, answer in enumerate(session.stream(requests)):
+            answers.append(answer)
+            if i == 5:
+                kill(ex, "dev1")
+        report = session.report()
+    assert len(answers) == len(requests) and all(isinstance(a, RunResult) and not a.degraded for a in answers)
+    for answer, x in zip(answers, requests):
+        _same(answer, local.run(x))
+    lost = [e for e in report.events if isinstance(e, DeviceLost)]
+    assert [(e.device, e.reason) for e in lost] == [("dev1", "died")] and lost[0].stage.endswith("dev1")
+    assert report.full == 30 and len(report.recovery_seconds) == 1
+
+
+def test_dead_part_without_replica_degrades_then_full_answers_resume(ray_instance, plans):
+    plan = plans["horizontal"]
+    requests = _requests(plan, 12)
+    degraded_reference = LocalExecutor(plan, threads=1, allow_degraded=True, failed={"dev2"})
+    full_reference = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane="compiled", allow_degraded=True, rejoin_interval=None) as ex:
+        session = ex.session(4)
+        _same(session.run(requests[0]), full_reference.run(requests[0]))
+        kill(ex, "dev2")
+        answers = list(session.stream(requests))
+        assert all(a.missing_devices == ("dev2",) for a in answers)
+        for answer, x in zip(answers, requests):
+            _same(answer, degraded_reference.run(x))
+        assert ex.rejoin(timeout=60) == ("dev2",)
+        again = list(session.stream(requests[:4]))
+        assert not any(a.degraded for a in again)
+        _same(again[0], full_reference.run(requests[0]))
+        report = session.report()
+    assert (report.full, report.degraded, report.failed) == (5, 12, 0)
+    assert any(isinstance(e, DeviceRejoined) and e.device == "dev2" for e in report.events)
+
+
+def test_a_device_that_comes_back_rejoins_on_its_own(ray_instance, plans):
+    plan = plans["horizontal"]
+    x = _requests(plan, 1)[0]
+    with executor(plan, dataplane="tasks", allow_degraded=True, rejoin_interval=0.2) as ex:
+        session = ex.session(2)
+        session.run(x)
+        kill(ex, "dev2")
+
+        def paced():  # a slow trickle of requests, until full answers are back (bounded)
+            for _ in range(1200):
+                yield x
+                time.sleep(0.05)
+
+        kinds = []
+        for answer in session.stream(paced()):
+            kinds.append("degraded" if answer.degraded else "full")
+            if kinds[-1] == "full" and "degraded" in kinds:
+                break
+        report = session.report()
+    assert kinds[0] == "degraded" and kinds[-1] == "full"
+    assert [type(e).__name__ for e in report.events] == ["DeviceLost", "DeviceRejoined"]
+
+
+def test_dead_device_without_fallback_answers_every_request_with_an_error(ray_instance, plans):
+    plan = plans["vertical2"]
+    dead = plan.stages[-1].device
+    with executor(plan, dataplane="tasks", rejoin_interval=None) as ex:
+        session = ex.session(8)
+        answers = []
+        for i, answer in enumerate(session.stream(_requests(plan, 20))):
+            answers.append(answer)
+            if i == 3:
+                kill(ex, dead)
+        report = session.report()
+    assert len(answers) == 20 and all(isinstance(a, RunResult) for a in answers[:4])
+    errors = [a for a in answers if not isinstance(a, RunResult)]
+    assert errors and all(isinstance(e, DeviceFailedError) and e.device == dead for e in errors)
+    assert report.failed == len(errors) and report.full == 20 - len(errors)
+    with pytest.raises(DeviceFailedError, match=dead):
+        session.run(_requests(plan, 1)[0])
+
+
+def test_alive_but_silent_device_hits_the_deadline_and_is_routed_around(ray_instance, plans):
+    plan = plans["horizontal"]
+    requests = _requests(plan, 8)
+    reference = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane="tasks", deadline=2.0, rejoin_interval=None) as ex:
+        session = ex.session(4)
+        session.run(requests[0])
+        stall(ex, "dev1", 10.0)
+        answers = list(session.stream(requests))
+        report = session.report()
+    for answer, x in zip(answers, requests):  # part A's replica on dev3 stands in: full answers
+        _same(answer, reference.run(x))
+    lost = [e for e in report.events if isinstance(e, DeviceLost)]
+    assert [(e.device, e.reason) for e in lost] == [("dev1", "silent")]
+
+
+def test_compiled_graph_survives_a_kill_and_recovers_on_actor_calls(ray_instance, plans):
+    plan = plans["hybrid"]
+    requests = _requests(plan, 16)
+    reference = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane="compiled", rejoin_interval=None) as ex:
+        session = ex.session(4)
+        answers = []
+        for i, answer in enumerate(session.stream(requests)):
+            answers.append(answer)
+            if i == 2:
+                kill(ex, "dev1")
+    assert len(answers) == 16
+    for answer, x in zip(answers, requests):
+        _same(answer, reference.run(x))
+
+
+# ---- bad input: clear errors, no hang ----
+
+def test_plan_devices_missing_from_the_cluster_are_listed(ray_instance, zoo_graphs):
+    plan = partition(zoo_graphs["resnet"], Cluster.simulated(2, prefix="ghost"))
+    with pytest.raises(ClusterError, match=r"\['ghost0', 'ghost1'\] are not in the Ray cluster"):
+        executor(plan)
+
+
+def test_device_registered_twice_is_refused(ray_instance, zoo_graphs):
+    plan = partition(zoo_graphs["resnet"], Cluster((Device("twice", 1, 2**30),)))
+    with pytest.raises(ClusterError, match="device 'twice' is registered 2 times"):
+        executor(plan)
+    with pytest.raises(ClusterError, match="registered 2 times"):
+        raycluster.check_devices({"pi": [raycluster.Host("a", "10.0.0.2"), raycluster.Host("b", "10.0.0.3")]}, ["pi"])
+
+
+def test_ray_without_token_auth_is_refused(ray_instance, plans, monkeypatch):
+    monkeypatch.setattr(raycluster, "token_auth_supported", lambda: False)
+    with pytest.raises(ClusterError, match="token authentication"):
+        executor(plans["vertical2"], address="127.0.0.1:6379")
+
+
+def test_head_that_refuses_or_never_answers_fails_within_the_timeout(ray_instance, plans):
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=f"127.0.0.1:{port} did not answer"):
+        executor(plans["vertical2"], address=f"127.0.0.1:{port}", connect_timeout=1.0)
+    with socket.socket() as mute:  # accepts TCP (the kernel does) but never speaks
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        with pytest.raises(ClusterError, match="did not answer as Ray"):
+            executor(plans["vertical2"], address=f"127.0.0.1:{mute.getsockname()[1]}", connect_timeout=1.0)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ClusterError, match="HOST:PORT"):
+        executor(plans["vertical2"], address="not-an-address")
+
+
+def test_bad_options_and_inputs_are_clear_errors(ray_instance, plans):
+    with pytest.raises(EdgesplitError, match="dataplane"):
+        executor(plans["vertical2"], dataplane="sockets")
+    with executor(plans["vertical2"], dataplane="tasks") as ex:
+        answers = list(ex.session().stream([{"wrong": np.zeros(3)}, _requests(plans["vertical2"], 1)[0]]))
+    assert isinstance(answers[0], EdgesplitError) and "missing input" in str(answers[0])
+    assert isinstance(answers[1], RunResult)
+
+
+def test_cli_streams_a_directory_through_ray(ray_instance, plans, tmp_path: Path):
+    from click.testing import CliRunner
+
+    from edgesplit.cli import main
+
+    plan = plans["vertical2"]
+    plan.save(tmp_path / "plan")
+    requests = _requests(plan, 5)
+    (tmp_path / "in").mkdir()
+    for i, x in enumerate(requests):
+        np.savez(tmp_path / "in" / f"{i:03d}.npz", **x)
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "plan"), "--backend", "ray", "--dataplane", "tasks",
+                                       "--stream", str(tmp_path / "in"), "-o", str(tmp_path / "y.npz")])
+    assert result.exit_code == 0, result.output
+    assert "5 requests" in result.output and "5 full" in result.output and "/s" in result.output
+    with np.load(tmp_path / "y.npz") as y:
+        assert list(y["__status__"]) == [0] * 5
+        local = LocalExecutor(plan, threads=1)
+        for i, x in enumerate(requests):
+            np.testing.assert_array_equal(y["output"][i], local.run(x).outputs["output"])
+    stacked = {k: np.stack([x[k] for x in requests]) for k in requests[0]}
+    np.savez(tmp_path / "stack.npz", **stacked)
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "plan"), "--stream", str(tmp_path / "stack.npz"),
+                                       "-o", str(tmp_path / "z.npz")])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "z.npz") as z, np.load(tmp_path / "y.npz") as y:
+        np.testing.assert_array_equal(z["output"], y["output"])
