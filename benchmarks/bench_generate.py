@@ -79,7 +79,7 @@ def main() -> None:
     for r in rows:
         r["decode_ratio_vs_whole_1_thread"] = r["decode_tokens_per_s"] / base
     data = {"model": "SmolLM2-135M-Instruct (float32, KV cache)", "prompt": args.prompt, "repeats": args.repeats,
-            "text": tok.decode(reference), "rows": rows}
+            "load_average": os.getloadavg(), "text": tok.decode(reference), "rows": rows}
     table = markdown_table(
         ["configuration", "devices", "prefill ms", "prefill tok/s", "decode tok/s", "decode vs whole (1 thread)",
          "overall tok/s", "bytes between devices per decode token", "same tokens"],
@@ -89,7 +89,8 @@ def main() -> None:
     note = (f"Greedy generation of {args.max_new_tokens} tokens after a {rows[0]['prompt_tokens']}-token prompt, "
             f"median of {args.repeats} interleaved runs. The local executor runs the stages one after another in one "
             "process, so a vertical split cannot be faster than one device here: the numbers show its overhead; "
-            "the bytes column is what a real network would carry per token (hidden state, mask, rotary tables).")
+            "the bytes column is what a real network would carry per token (hidden state, mask, rotary tables). "
+            f"Load average at the end: {' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1 / 5 / 15 min).")
     path = write_report("generate", "Token generation: SmolLM2-135M, prefill and decode", data,
                         [("Tokens per second", note + "\n\n" + table)])
     print(path.read_text())

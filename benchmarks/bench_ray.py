@@ -161,8 +161,38 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
     rows.insert(0, {"run": "whole model, 1 core (median over all bursts)", "dataplane": "-", "requests_per_s": whole_rate,
                     "speedup": 1.0})
     info = {"stage_ms": stage_ms, "whole_ms": t_whole_ms, "bound": bound, "goal": 1.7,
+            "parallel_ceiling": parallel_ceiling(model, requests),
             "stages": [s.name for s in plan.stages]}
     return rows, info, memory_rows, bytes_rows
+
+
+def _whole_rate(model: str, n: int, out) -> None:
+    session = _whole(Path(model))
+    x = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
+        [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]).astype(np.float32)}
+    session.run(None, x)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        session.run(None, x)
+    out.put(n / (time.perf_counter() - t0))
+
+
+def parallel_ceiling(model: Path, n: int) -> float:
+    """Two independent 1-thread processes on the whole model, total rate over one alone: what 2 devices on this
+    machine can give at best (1.0 when the cores are not really free)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for k in (1, 2):
+        out = ctx.Queue()
+        procs = [ctx.Process(target=_whole_rate, args=(str(model), n, out)) for _ in range(k)]
+        for p in procs:
+            p.start()
+        rates[k] = sum(out.get() for _ in procs)
+        for p in procs:
+            p.join()
+    return rates[2] / rates[1]
 
 
 def _time_balanced(graph, cluster: Cluster):
@@ -301,7 +331,9 @@ def main() -> None:
 
     bound_text = (f"Stage times (1 thread): {', '.join(f'{k} {v:.1f} ms' for k, v in bound['stage_ms'].items())}; "
                   f"whole model {bound['whole_ms']:.1f} ms/request, so the bound is {bound['bound']:.2f}x "
-                  f"(goal {bound['goal']}x).")
+                  f"(goal {bound['goal']}x). Two independent 1-thread processes on the whole model run "
+                  f"{bound['parallel_ceiling']:.2f}x the rate of one on this machine at this time: the ceiling any "
+                  f"2-device split can reach here.")
     sections = [
         ("Per-hop overhead, 1 KiB tensor actor to actor", table(hops)),
         (f"Single-request latency, ResNet-18 {args.size}x{args.size}, loopback", table(lat)),

@@ -120,8 +120,8 @@ def params(split: TransformerSplit, plan: Plan) -> dict:
     return {"block_total": block_total, "per_device": {d: dict(v) for d, v in per_device.items()}}
 
 
-def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[list, list, list]:
-    sync_rows, byte_rows, param_rows = [], [], []
+def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[list, list, list, list]:
+    sync_rows, byte_rows, param_rows, head_rows = [], [], [], []
     for name, (graph, dims) in model_set.items():
         for n in counts:
             cluster = Cluster.simulated(n)
@@ -154,6 +154,12 @@ def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[li
                               len(plan.stages)])
             byte_rows.append([name, n, hidden, round(measured), star, round(measured / star, 4), round(root),
                               round(ring_device)])
+            vocab = [r for r in split.graph.regions if r["kind"] == "vocab"]
+            if vocab and "ViT" not in name:
+                pieces = {p["output"] for p in vocab[0]["parts"]}
+                concat = sum(sizes[t.tensor] for t in plan.transfers if t.cross_device and t.tensor in pieces)
+                argmax = (len(vocab[0]["parts"]) - 1) * 2 * 4  # each other part: its best logit and index, float32
+                head_rows.append([name, n, round(concat / tokens), argmax, round(concat / tokens / argmax)])
             if n in (2, 4):
                 p = params(split, plan)
                 due = p["block_total"] / n
@@ -162,7 +168,7 @@ def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[li
                     param_rows.append([name, n, d, held, round(due), round(held / due, 3), kinds.get("replicated", 0),
                                        kinds.get("embedding", 0), kinds.get("lm_head", 0)])
             print(name, n, "ok", flush=True)
-    return sync_rows, byte_rows, param_rows
+    return sync_rows, byte_rows, param_rows, head_rows
 
 
 def main() -> None:
@@ -171,14 +177,16 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[2, 3, 4])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sync_rows, byte_rows, param_rows = run(models(args.smollm2, Path(tmp)), args.devices)
+        sync_rows, byte_rows, param_rows, head_rows = run(models(args.smollm2, Path(tmp)), args.devices)
     sync_cols = ["model", "devices", "blocks", "Sums/block (min)", "Sums/block (max)", "cross-device edges/block",
                  "edges of 2 star reductions", "stages"]
     byte_cols = ["model", "devices", "hidden", "B/token/block", "star minimum", "ratio", "root B/token/block",
                  "ring per-device"]
     param_cols = ["model", "devices", "device", "block weights B", "total/N B", "ratio", "replicated B",
                   "embedding B", "LM head B"]
+    head_cols = ["model", "devices", "concat B/token", "argmax B/token", "ratio"]
     data = {"seq": SEQ, "synchronisations": [dict(zip(sync_cols, r)) for r in sync_rows],
+            "lm_head": [dict(zip(head_cols, r)) for r in head_rows],
             "bytes": [dict(zip(byte_cols, r)) for r in byte_rows],
             "params": [dict(zip(param_cols, r)) for r in param_rows]}
     path = write_report("transformer_split", "Transformer split: heads, neurons, vocabulary", data, [
@@ -196,6 +204,10 @@ def main() -> None:
          "(goal <= 1.05); the root also holds the replicated norms and the biases added once after each Sum; "
          "embeddings stay on the root; the LM head is split by vocabulary.\n\n"
          + markdown_table(param_cols, param_rows)),
+        ("LM head by vocabulary", "Bytes per token the vocabulary-split LM head sends to the root: the logits "
+         "slices (lm_head=\"concat\", measured from the plan) against the distributed argmax (lm_head=\"argmax\": "
+         "each other part sends its best logit and its index, 8 B; its correctness is tested, the figure is "
+         "computed).\n\n" + markdown_table(head_cols, head_rows)),
     ])
     print(f"wrote {path} and {path.with_suffix('.json')}")
 

@@ -1,16 +1,17 @@
 """Greedy token generation over a decoder Plan (numpy + onnxruntime; `tokenizers` for text).
 
-The decoder interface (what `edgesplit.bench.transformers_zoo` exports, and optimum-style exports too):
+The decoder interface (what `edgesplit.bench.transformers_zoo` exports):
   inputs  input_ids [batch, sequence]; optional attention_mask [batch, past + sequence], position_ids
           [batch, sequence], token_type_ids; optional past_<X> tensors (the KV cache); output logits
           [batch, sequence, vocab] and, with a cache, present_<X> tensors.
 
 KV rule: a stage input named `past_<X>` is fed from the same stage's output `present_<X>` of the previous step
 (empty, length 0 along every symbolic axis but the batch, at prefill). So each stage keeps its own cache: its
-past/present tensors never leave its device; only the hidden states (and the small int feeds) cross devices. A
-plan whose `past_<X>` is read by a stage that does not also produce `present_<X>` is refused. (A placement that
-cuts between a cache's Concat and the attention reading it is run correctly, but then that present crosses
-devices every step: `GenerationStats.crossed` names every tensor that did.)
+past/present tensors never leave its device; only the hidden states (and the small int feeds) cross devices.
+A stage that reads `past_<X>` only through Shape nodes (as dynamo exports do) gets a zero stand-in of the right
+shape. A plan whose `past_<X>` is otherwise read by a stage that does not produce `present_<X>` is refused.
+A placement that cuts between a cache's Concat and the attention reading it runs correctly, but then that
+present crosses devices every step: `GenerationStats.crossed` names every tensor that did.
 
 With a cache: prefill runs the whole prompt once, then each step feeds one token. Without: every step re-runs the
 whole sequence. The first new token comes from prefill; `decode` times the steps after it.
@@ -153,12 +154,13 @@ class _StageState:
     session: ort.InferenceSession
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    shape_only: frozenset[str] = frozenset()  # past_* inputs this stage reads only through Shape nodes
     kv: dict[str, np.ndarray] = field(default_factory=dict)
 
     def step(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         full = dict(feeds)
         for name in self.inputs:
-            if name.startswith(PAST):
+            if name.startswith(PAST) and name not in self.shape_only:
                 full[name] = self.kv.get(PRESENT + name[len(PAST):])
                 if full[name] is None:
                     full[name] = self._empty(name, batch)
@@ -180,6 +182,11 @@ class _Runner:
         self.producer = {o: s for s in self.states for o in s.outputs}
         self.crossed: set[str] = set()
 
+    def _stand_in(self, name: str, batch: int) -> np.ndarray:
+        owner = self.producer[PRESENT + name[len(PAST):]]
+        cached = owner.kv.get(PRESENT + name[len(PAST):])
+        return np.zeros_like(cached) if cached is not None else owner._empty(name, batch)
+
     def step(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
         values = dict(feeds)
         batch = int(feeds["input_ids"].shape[0])
@@ -187,6 +194,9 @@ class _Runner:
         for state in self.states:
             ins = {}
             for name in state.inputs:
+                if name in state.shape_only:  # a stand-in of the right shape: only the shape crosses, not the cache
+                    ins[name] = self._stand_in(name, batch)
+                    wire += 8 * ins[name].ndim
                 if name.startswith(PAST):
                     continue
                 ins[name] = values[name]
@@ -198,7 +208,10 @@ class _Runner:
         return values["logits"], wire
 
 
-def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequence[_StageState]) -> None:
+def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequence[_StageState],
+                   stage_models: Mapping[str, bytes]) -> None:
+    """Refuse what is not a decoder; mark past_* inputs that a stage reads only through Shape nodes (dynamo
+    exports read every past tensor's shape), so that those stages get a stand-in and the cache stays put."""
     feeds = [n for n in inputs if not n.startswith(PAST)]
     unknown = [n for n in feeds if n not in FEEDS]
     if "input_ids" not in feeds or "logits" not in outputs or unknown:
@@ -206,9 +219,17 @@ def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequen
             f"expected a decoder: inputs input_ids (and optionally {', '.join(FEEDS[1:])}, {PAST}* KV tensors), "
             f"output logits; got inputs {list(inputs)}, outputs {list(outputs)}"
         )
+    owners = {o for s in stages for o in s.outputs if o.startswith(PRESENT)}
     for s in stages:
-        for name in s.inputs:
-            if name.startswith(PAST) and PRESENT + name[len(PAST):] not in s.outputs:
+        foreign = [n for n in s.inputs if n.startswith(PAST) and PRESENT + n[len(PAST):] not in s.outputs]
+        if not foreign:
+            continue
+        graph = onnx.load_from_string(stage_models[s.name]).graph
+        readers = {n: {node.op_type for node in graph.node if n in node.input} for n in foreign}
+        s.shape_only = frozenset(n for n, ops in readers.items() if ops == {"Shape"}
+                                 and PRESENT + n[len(PAST):] in owners)
+        for name in foreign:
+            if name not in s.shape_only:
                 raise PlanError(
                     f"stage {s.name!r} reads {name!r} but does not produce {PRESENT + name[len(PAST):]!r}: "
                     "its KV cache would have to cross devices; place the Concat that makes it on the same stage"
@@ -267,7 +288,7 @@ class Decoder:
 
     def __init__(self, model: Model, threads: int | None = None) -> None:
         states, self.inputs, outputs = _states(model, threads)
-        _check_decoder(self.inputs, outputs, states)
+        _check_decoder(self.inputs, outputs, states, model.stage_models if isinstance(model, Plan) else {})
         self.states = states
         self.kv_cache = any(n.startswith(PAST) for n in self.inputs)
 
@@ -290,8 +311,8 @@ class Decoder:
         return generation
 
 
-def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int], max_new_tokens: int,
-             *, threads: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None) -> Generation:
+def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int],
+             max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None) -> Generation:
     """Greedy decoding of up to `max_new_tokens` after `prompt` (text, or token ids) on a Plan or a whole model.
 
     The returned iterator yields each token as soon as it is produced; `.stats` has timings after the last one.

@@ -10,6 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -180,6 +181,31 @@ def test_unrecognised_attention_falls_back_and_names_the_node(models) -> None:
     _check_plan(graph, plan, {"batch": 1})
 
 
+def test_fused_attention_op_is_named_and_the_mlp_still_split(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.2, name)
+    mm = lambda a, b, out: helper.make_node("MatMul", [a, b], [out], name=out)
+    nodes = [mm("x", "wq", "q"), mm("x", "wk", "k"), mm("x", "wv", "v"),
+             helper.make_node("MultiHeadAttention", ["q", "k", "v"], ["a"], name="mha", domain="com.microsoft",
+                              num_heads=4),
+             mm("a", "wo", "o"), helper.make_node("Add", ["x", "o"], ["r"], name="res"),
+             mm("r", "w1", "up"), helper.make_node("Relu", ["up"], ["act"], name="act"), mm("act", "w2", "down"),
+             helper.make_node("Add", ["r", "down"], ["y"], name="res2")]
+    weights = [w("wq", 32, 32), w("wk", 32, 32), w("wv", 32, 32), w("wo", 32, 32), w("w1", 32, 64), w("w2", 64, 32)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", 32]) for n in ("x", "y")]
+    model = helper.make_model(helper.make_graph(nodes, "mha", io[:1], io[1:], weights),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save(model, tmp_path / "mha.onnx")
+    graph = load(tmp_path / "mha.onnx")
+    split = split_transformer(graph, Cluster.simulated(2))
+    assert [s.node for s in split.skipped] == ["mha"] and "MultiHeadAttention" in split.skipped[0].reason
+    assert [r["layers"] for r in split.graph.regions] == [["up", "act", "down"]]
+    _check_plan(graph, cut(split.graph, Cluster.simulated(2), split.placement), {"batch": 1, "seq": 3})
+
+
 def test_regions_survive_plan_save_and_load(models, tmp_path: Path) -> None:
     graph = models("bert")
     plan = partition(graph, Cluster.simulated(2), strategy="heads")
@@ -234,6 +260,21 @@ def test_cli_partition_heads_and_verify(models, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
+def test_distributed_argmax_sends_only_the_winners(models) -> None:
+    graph = models("llama")
+    cluster = Cluster.simulated(2)
+    split = split_transformer(graph, cluster, lm_head="argmax")
+    assert split.graph.outputs == ("out.argmax",)
+    plan = cut(split.graph, cluster, split.placement)
+    winners = [t for t in plan.transfers if t.cross_device and t.tensor.endswith(".winner")]
+    assert len(winners) == 1 and split.graph.tensors[winners[0].tensor].shape[-1] == 2  # (best logit, index)
+    inputs = sample_inputs(graph, {"batch": 2, "seq": 9}, seed=2)
+    got = LocalExecutor(plan).run(inputs).outputs["out.argmax"]
+    assert (got == run_whole_model(graph.model, inputs)["out"].argmax(-1)).all()
+
+
 def test_kv_cache_argument_is_checked(models) -> None:
     with pytest.raises(EdgesplitError, match="kv_cache"):
         split_transformer(models("gpt2"), Cluster.simulated(2), kv_cache="ring")
+    with pytest.raises(EdgesplitError, match="lm_head"):
+        split_transformer(models("gpt2"), Cluster.simulated(2), lm_head="topk")

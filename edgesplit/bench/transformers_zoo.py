@@ -14,8 +14,11 @@ Decoder interface (both variants, TorchScript and dynamo exporters alike):
           with kv_cache: past_key_<i>, past_value_<i> [batch, kv_heads, past_sequence, head_dim] float32
   outputs logits [batch, sequence, vocab]; with kv_cache: present_key_<i>, present_value_<i>
           [batch, kv_heads, total_sequence, head_dim] (past followed by the current positions).
-The causal mask is built inside the graph from attention_mask and position_ids, so no node reads the shape of a
-past tensor: every past_* input is read only by the Concat that makes its present_* output.
+The causal mask is built inside the graph from attention_mask and position_ids, so in the TorchScript exports
+(`dynamo=False`, opset 17, the default) no node reads the shape of a past tensor: every past_* input is read only
+by the Concat that makes its present_* output. The dynamo exports (`dynamo=True`) are opset 20, about half the
+nodes, name their symbolic dims s0, s1, ... instead of batch/sequence, and read every past tensor through a
+Shape node as well (edgesplit.generate handles that).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ atoms a part may take (a head group, an MLP neuron). An op that would mix classe
 the split axis, an op the rules do not know) rejects the region with the node's name and the reason.
 
 Shapes are concrete (one onnxruntime run on sample inputs), so reshapes of any exporter are followed exactly.
+A fused q/k/v output reshaped to [..., 3, H, d] (timm) keeps one label row per segment until it is unbound.
 """
 
 from __future__ import annotations

@@ -20,6 +20,11 @@ from edgesplit.rewrite.concrete import Concrete
 from edgesplit.rewrite.shard_labels import SHAPE_ONLY, Labels, Rejected, propagate
 
 
+# a Softmax marks unfused attention; fused attention ops (ONNX 23, com.microsoft) have no splitting rule yet, so
+# they are reported as not recognised and left whole
+ATTENTION = frozenset({"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention"})
+
+
 @dataclass(frozen=True)
 class Region:
     kind: str  # "heads" or "neurons"
@@ -75,7 +80,7 @@ def find(graph: Graph, concrete: Concrete) -> tuple[list[Region], list[Skipped]]
             continue
         inside = _descendants(entries, seen | {exit_node.name}, nodes, by_name)
         region_nodes = sorted(inside, key=pos.__getitem__)
-        kind = "heads" if any(by_name[n].op_type == "Softmax" for n in region_nodes) else "neurons"
+        kind = "heads" if any(by_name[n].op_type in ATTENTION for n in region_nodes) else "neurons"
         try:
             outputs = _outputs(region_nodes, exit_node.name, by_name, consumers, graph_outputs)
             # tensors whose shape only is read outside: part 0 sends its shape, corrected; the rest are gathered
@@ -84,6 +89,9 @@ def find(graph: Graph, concrete: Concrete) -> tuple[list[Region], list[Skipped]]
                                                                            for c in outside[t])]
             shape_reads = [c for t in shaped for c in outside[t]]
             outputs = [t for t in outputs if t not in shaped]
+            inner = [t for t in outputs if t not in graph_outputs]
+            if inner:  # e.g. a residual stream running through: gathering it would undo the split
+                raise Rejected(producer[inner[0]].name, f"its split output {inner[0]!r} is read outside the region")
             first, offsets = 0, {}
             for e in sorted(entries, key=pos.__getitem__):
                 offsets[e] = first
@@ -99,7 +107,7 @@ def find(graph: Graph, concrete: Concrete) -> tuple[list[Region], list[Skipped]]
                                                           "but is not split along heads/neurons")
         except Rejected as exc:
             if kind == "heads":
-                softmax = next(n for n in region_nodes if by_name[n].op_type == "Softmax")
+                softmax = next(n for n in region_nodes if by_name[n].op_type in ATTENTION)
                 failures.setdefault(softmax, Skipped(exc.node, f"attention not recognised ({exc.reason}); "
                                                                "left unsplit"))
             continue
@@ -109,7 +117,7 @@ def find(graph: Graph, concrete: Concrete) -> tuple[list[Region], list[Skipped]]
         used.update(region_nodes)
     skipped = [s for softmax, s in failures.items() if softmax not in used]
     for n in nodes:  # attention that no candidate region even reached
-        if n.op_type == "Softmax" and n.name not in used and n.name not in failures:
+        if n.op_type in ATTENTION and n.name not in used and n.name not in failures:
             skipped.append(Skipped(n.name, "attention not recognised (no projection MatMul with a 2-D weight reads "
                                            "its result); left unsplit"))
     return regions, skipped

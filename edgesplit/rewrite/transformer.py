@@ -3,8 +3,11 @@
 Each attention / MLP sub-block becomes one part per device (entry weights sliced by columns, exit weight by rows,
 reshape constants carrying the head count rewritten from the concrete shapes) plus one Sum: two synchronisations
 per block. Norms, residual adds and the bias of each exit run once, on the group's root device (star reduction:
-the root gathers the partial sums, then sends the next normalised hidden state to every part). The LM head is split
-by vocabulary columns and combined by Concat. Blocks may be spread over device groups (hybrid with vertical cuts).
+the root gathers the partial sums, then sends the next normalised hidden state to every part). Side inputs of a
+part (masks, rotary tables, shape vectors) are recomputed on its device from the model inputs where possible, else
+received once per device. The LM head is split by vocabulary columns (Concat, or a distributed argmax). Blocks may
+be spread over device groups (hybrid with vertical cuts). The result is checked against the unsplit model on
+sample inputs before it is returned; what is not recognised is reported (`skipped`) and left whole.
 
     split = split_transformer(graph, cluster)              # every block over every device, shares = speeds
     plan = cut(split.graph, cluster, split.placement)
@@ -68,6 +71,7 @@ def split_transformer(
     dims: Mapping[str, int] | None = None,
     check: bool = True,
     kv_cache: str = "gather",
+    lm_head: str = "concat",
 ) -> TransformerSplit:
     """Split every attention and MLP block (and the LM head) of `graph` over devices.
 
@@ -79,9 +83,13 @@ def split_transformer(
     `kv_cache`: "gather" keeps the model's interface (each part slices the past it needs; presents are concatenated
     back); "shard" gives each part its own `past_X.pN` input and `present_X.pN` output (N = part), so every device
     keeps the cache of its own heads and only hidden states cross devices during generation.
+    `lm_head`: "concat" gathers the vocabulary slices of the logits; "argmax" sends only each part's best logit and
+    its index, and the model's logits output becomes `<logits>.argmax` (greedy token ids, [batch, sequence]).
     """
     if kv_cache not in ("gather", "shard"):
         raise SplitError(f"kv_cache: expected 'gather' or 'shard', got {kv_cache!r}")
+    if lm_head not in ("concat", "argmax"):
+        raise SplitError(f"lm_head: expected 'concat' or 'argmax', got {lm_head!r}")
     groups = _groups(cluster, devices, groups)
     weight = _shares(cluster, groups, shares)
     base = _fold_weight_views(graph)
@@ -103,11 +111,12 @@ def split_transformer(
         head = _lm_head(base, {n for r in regions for n in r.nodes})
         last = groups[group_of_block[n_blocks - 1]] if n_blocks else groups[-1]
         if head is not None and len(last) > 1:
-            records.append(builder.split_vocab(head, last, weight))
+            records.append(builder.split_vocab(head, last, weight, lm_head == "argmax"))
     out = replace(builder.finish(records), path=graph.path)
     roots = [g[0] for g in groups]
     placement = _placement(out, base, regions, block_of, [roots[group_of_block[b]] for b in range(n_blocks)], roots[0])
-    err = _self_check(out, sample, builder.new_inputs, builder.new_outputs) if check else float("nan")
+    err = _self_check(out, sample, builder.new_inputs, builder.new_outputs, builder.argmax_outputs) if check \
+        else float("nan")
     return TransformerSplit(out, placement, tuple(skipped), n_blocks, err)
 
 
@@ -210,6 +219,7 @@ class _Builder:
         # cache input/output -> (per-part name, axis, indices of the part's elements along it)
         self.new_inputs: dict[str, list[tuple[str, int, np.ndarray]]] = {}
         self.new_outputs: dict[str, list[tuple[str, int, np.ndarray]]] = {}
+        self.argmax_outputs: dict[str, str] = {}  # logits -> token ids, for lm_head="argmax"
         self.model = onnx.ModelProto()
         self.model.CopyFrom(graph.model)
         self.nodes = {n.name: n for n in self.model.graph.node}
@@ -482,7 +492,7 @@ class _Builder:
                                                axis=s.axis))
         return _record(f"gather:{tensor}", region.kind, (), name, gparts, block)
 
-    def split_vocab(self, head: onnx.NodeProto, devices: Sequence[str], weight) -> dict:
+    def split_vocab(self, head: onnx.NodeProto, devices: Sequence[str], weight, argmax: bool = False) -> dict:
         w = self._arr(head.input[1])
         trans_b = head.op_type == "Gemm" and _attr(head, "transB", 0)
         vocab = w.shape[0] if trans_b else w.shape[1]
@@ -504,12 +514,53 @@ class _Builder:
             new.output.append(f"{head.output[0]}.p{p}")
             self.added.append(new)
             part.nodes.append(new.name)
-            part.output = new.output[0]
+            part.output = new.output[0] if not argmax else self._winner(part, new.output[0], int(bounds[p]))
             parts.append(part)
         self.removed.add(head.name)
+        if argmax:
+            return self._argmax_combine(head, parts)
         name = f"{head.name}.concat"
         self.added.append(helper.make_node("Concat", [p.output for p in parts], [head.output[0]], name=name, axis=-1))
         return _record(f"vocab:{head.name}", "vocab", (head.name,), name, parts, None)
+
+    def _winner(self, part: _Part, logits: str, offset: int) -> str:
+        """The part's best logit and its vocabulary index (as a float: exact below 2^24) side by side: [..., 2]."""
+        base = logits
+        opset = next(o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx"))
+        axes = self._init(f"{base}.axes", np.array([-1], dtype=np.int64))
+        best = (self._node(part, "ReduceMax", [logits, axes], [f"{base}.max"], f"{base}.max", keepdims=1)
+                if opset >= 18 else
+                self._node(part, "ReduceMax", [logits], [f"{base}.max"], f"{base}.max", axes=[-1], keepdims=1))
+        where = self._node(part, "ArgMax", [logits], [f"{base}.argmax"], f"{base}.argmax", axis=-1, keepdims=1)
+        off = self._init(f"{base}.offset", np.array(offset, dtype=np.int64))
+        where = self._node(part, "Add", [where, off], [f"{base}.index"], f"{base}.index")
+        where = self._node(part, "CastLike", [where, best], [f"{base}.findex"], f"{base}.findex")
+        return self._node(part, "Concat", [best, where], [f"{base}.winner"], f"{base}.winner", axis=-1)
+
+    def _argmax_combine(self, head: onnx.NodeProto, parts: list[_Part]) -> dict:
+        """Only the parts' winners cross devices; the model's logits output becomes `<logits>.argmax` (token ids)."""
+        out = head.output[0]
+        c = lambda suffix, v: self._init(f"{out}.{suffix}", np.array(v, dtype=np.int64))
+        nodes = [
+            helper.make_node("Concat", [p.output for p in parts], [f"{out}.winners"], name=f"{head.name}.winners",
+                             axis=-1),
+            helper.make_node("Slice", [f"{out}.winners", c("s0", [0]), c("end", [INT_MAX]), c("ax", [-1]),
+                                       c("step", [2])], [f"{out}.values"], name=f"{head.name}.values"),
+            helper.make_node("Slice", [f"{out}.winners", c("s1", [1]), f"{out}.end", f"{out}.ax", f"{out}.step"],
+                             [f"{out}.indices"], name=f"{head.name}.indices"),
+            helper.make_node("ArgMax", [f"{out}.values"], [f"{out}.best"], name=f"{head.name}.best", axis=-1,
+                             keepdims=1),
+            helper.make_node("GatherElements", [f"{out}.indices", f"{out}.best"], [f"{out}.token"],
+                             name=f"{head.name}.token", axis=-1),
+            helper.make_node("Squeeze", [f"{out}.token", f"{out}.ax"], [f"{out}.tokenf"], name=f"{head.name}.squeeze"),
+            helper.make_node("Cast", [f"{out}.tokenf"], [f"{out}.argmax"], name=f"{head.name}.cast",
+                             to=onnx.TensorProto.INT64),
+        ]
+        self.added.extend(nodes)
+        self.argmax_outputs[out] = f"{out}.argmax"
+        record = _record(f"vocab:{head.name}", "vocab", (head.name,), nodes[0].name, parts, None)
+        record["combine_nodes"] = [n.name for n in nodes]
+        return record
 
     def finish(self, records: list[dict]) -> Graph:
         m = self.model
@@ -519,6 +570,11 @@ class _Builder:
         m.graph.initializer.extend(self.new_inits.values())
         _reinterface(m.graph.input, self.new_inputs)
         _reinterface(m.graph.output, self.new_outputs)
+        for vi in m.graph.output:
+            if vi.name in self.argmax_outputs:  # logits [..., vocab] -> token ids [...]
+                vi.name = self.argmax_outputs[vi.name]
+                vi.type.tensor_type.elem_type = onnx.TensorProto.INT64
+                del vi.type.tensor_type.shape.dim[-1]
         _drop_unused(m)
         produced = {o for n in m.graph.node for o in n.output}
         added = {o for n in self.added for o in n.output}
@@ -732,7 +788,7 @@ def unshard_outputs(outputs: Mapping[str, np.ndarray], new_outputs) -> dict[str,
     return out
 
 
-def _self_check(graph: Graph, sample: concrete_run.Concrete, new_inputs, new_outputs) -> float:
+def _self_check(graph: Graph, sample: concrete_run.Concrete, new_inputs, new_outputs, argmax_outputs) -> float:
     try:
         got = unshard_outputs(concrete_run.run_model(graph.model, shard_feeds(sample.inputs, new_inputs)), new_outputs)
     except Exception as exc:  # onnxruntime's own exception types
@@ -740,6 +796,8 @@ def _self_check(graph: Graph, sample: concrete_run.Concrete, new_inputs, new_out
                          f"({str(exc).splitlines()[0][:300]}); refusing it. Please report this model.") from None
     worst = 0.0
     for name, ref in sample.outputs.items():
+        if name in argmax_outputs:  # greedy ids against the unsplit logits' argmax
+            name, ref = argmax_outputs[name], np.argmax(ref, axis=-1)
         g = got[name]
         if g.shape != ref.shape:
             raise SplitError(f"internal error: the split graph's output {name!r} has shape {g.shape}, "
