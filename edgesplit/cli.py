@@ -42,13 +42,9 @@ def _cluster(devices: int | None, cluster: Path | None):
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise InputError(f"expected an .npz file of inputs keyed by the model's input names, {str(path)!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a readable .npz file: {exc}") from None
+    from edgesplit.runtime.streamio import read_npz
+
+    return read_npz(path)
 
 
 def _dims(values: tuple[str, ...]) -> dict[str, int]:

