@@ -211,7 +211,7 @@ class Editor:
     def build(self, new_regions: Sequence[RegionRecord], dims: Mapping[str, int] | None = None) -> Graph:
         """Sort, prune unused initializers, record the regions and re-infer: a new Graph, same source hash."""
         g = self.model.graph
-        nodes = _topological(self.nodes, {i.name for i in g.input} | set(self.inits))
+        nodes = topological_order(self.nodes)
         used = {r for n in nodes for r in n.input}
         del g.node[:]
         g.node.extend(nodes)
@@ -227,7 +227,7 @@ class Editor:
         return replace(new, path=self.graph.path)
 
 
-def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+def topological_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """Stable Kahn sort: keeps the given order wherever the dependencies allow."""
     producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
     deps = [{producer[r] for r in node_references(n) if r in producer} for n in nodes]

@@ -31,7 +31,7 @@ from edgesplit.graph import REGIONS_KEY, Graph, from_model, node_references
 from edgesplit.place import check_memory
 from edgesplit.plan import Plan, cut
 from edgesplit.rewrite import concrete as concrete_run
-from edgesplit.rewrite.base import SplitError
+from edgesplit.rewrite.base import SplitError, topological_order
 from edgesplit.rewrite.shard_labels import slice_params
 from edgesplit.rewrite.tp_check import self_check
 from edgesplit.rewrite.tp_place import placement as place
@@ -568,7 +568,7 @@ class _Builder:
         m = self.model
         nodes = [n for n in m.graph.node if n.name not in self.removed] + self.added
         del m.graph.node[:]
-        m.graph.node.extend(_topological(nodes))
+        m.graph.node.extend(topological_order(nodes))
         m.graph.initializer.extend(self.new_inits.values())
         _reinterface(m.graph.input, self.new_inputs)
         _reinterface(m.graph.output, self.new_outputs)
@@ -686,31 +686,6 @@ def _lm_head(graph: Graph, in_regions: set[str]) -> onnx.NodeProto | None:
     heads = [n for n in graph.model.graph.node if n.name not in in_regions and weight_input(n, inits)
              and n.output[0] in outputs]
     return heads[-1] if heads else None
-
-
-def _topological(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    import heapq
-
-    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [{producer[t] for t in _refs(n) if t in producer and producer[t] != i} for i, n in enumerate(nodes)]
-    users = defaultdict(list)
-    for i, ds in enumerate(deps):
-        for d in ds:
-            users[d].append(i)
-    indeg = [len(d) for d in deps]
-    heap = [i for i, d in enumerate(indeg) if d == 0]
-    heapq.heapify(heap)
-    out = []
-    while heap:
-        i = heapq.heappop(heap)
-        out.append(nodes[i])
-        for u in users[i]:
-            indeg[u] -= 1
-            if indeg[u] == 0:
-                heapq.heappush(heap, u)
-    if len(out) != len(nodes):
-        raise SplitError("internal error: the split graph has a cycle")
-    return out
 
 
 _refs = node_references
