@@ -98,13 +98,15 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 @click.option("--mapping", type=click.Path(path_type=Path), help="Mapping JSON (AutoDiCE) or YAML; default: automatic.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan directory to write.")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for byte counts, NAME=SIZE.")
+@click.option("--kv-cache", type=click.Choice(["gather", "shard"]), default="gather", show_default=True,
+              help="strategy heads, decoder with a KV cache: gather keeps the model interface, shard keeps each device its heads' cache.")
 @click.option("--strategy", type=click.Choice(["vertical", "horizontal", "hybrid", "heads"]), default="vertical", show_default=True,
               help="vertical: layer ranges per device; horizontal: split layers across devices; hybrid: both; "
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
 @click.option("--split", "split", type=click.Choice(["channels", "spatial", "auto"]), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, output: Path,
-              dims: tuple[str, ...], strategy: str, split: str) -> None:
+              dims: tuple[str, ...], strategy: str, split: str, kv_cache: str) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
@@ -114,7 +116,7 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     the_cluster = _cluster(devices, cluster)
     the_mapping = load_mapping(mapping) if mapping else None
     graph = load(model, dims=_dims(dims))
-    plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims))
+    plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
     plan.save(output)
     console.print(report.plan_table(plan))
     if plan.regions:
@@ -203,17 +205,18 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="Directory with tokenizer.json (default: the plan directory, then next to the source model).")
-@click.option("--backend", type=click.Choice(["local"]), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
 def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,
-             threads: int | None) -> None:
+             address: str | None, threads: int | None) -> None:
     """Greedy text generation with a decoder plan; each stage keeps its own KV cache."""
     from edgesplit.generate import find_tokenizer, generate as do_generate, load_tokenizer
     from edgesplit.plan import Plan
 
     plan = Plan.load(plan_dir)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
-    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads)
+    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address)
     console.print(prompt, end="", markup=False, highlight=False)
     for token in gen:
         console.print(token.text, end="", markup=False, highlight=False)

@@ -168,6 +168,9 @@ class _StageState:
         self.kv.update((n, v) for n, v in results.items() if n.startswith(PRESENT))
         return results
 
+    def reset(self) -> None:
+        self.kv.clear()
+
     def _empty(self, name: str, batch: int) -> np.ndarray:
         meta = next(i for i in self.session.get_inputs() if i.name == name)
         shape = [d if isinstance(d, int) else (batch if axis == 0 else 0) for axis, d in enumerate(meta.shape)]
@@ -286,9 +289,20 @@ class Generation:
 class Decoder:
     """A Plan (or a whole model) ready to generate: one session per stage, built once, reused across prompts."""
 
-    def __init__(self, model: Model, threads: int | None = None) -> None:
+    def __init__(self, model: Model, threads: int | None = None, backend: str = "local", address: str | None = None) -> None:
+        if backend not in ("local", "ray"):
+            raise InputError(f"expected backend 'local' or 'ray', got {backend!r}")
         states, self.inputs, outputs = _states(model, threads)
         _check_decoder(self.inputs, outputs, states, model.stage_models if isinstance(model, Plan) else {})
+        if backend == "ray":
+            if not isinstance(model, Plan):
+                raise InputError("the ray backend runs a Plan; partition the model first")
+            if any(s.shape_only for s in states):
+                raise PlanError("this plan reads KV caches of other stages through Shape nodes (a dynamo export); "
+                                "the ray backend keeps every cache on its device and cannot feed those: use --backend local")
+            from edgesplit.runtime.raykv import remote_stages
+
+            states = remote_stages(model, address, threads)
         self.states = states
         self.kv_cache = any(n.startswith(PAST) for n in self.inputs)
 
@@ -303,7 +317,7 @@ class Decoder:
         if not prompt_ids:
             raise InputError(f"expected a prompt of at least one token, got {prompt!r}")
         for state in self.states:
-            state.kv.clear()
+            state.reset()
         eos = eos_token_id if eos_token_id is not None else tok.eos_token_id
         generation = Generation(iter(()))
         generation._tokens = _loop(generation, _Runner(self.states), self.inputs, tok, prompt_ids, max_new_tokens,
@@ -312,14 +326,15 @@ class Decoder:
 
 
 def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int],
-             max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None) -> Generation:
+             max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None,
+             backend: str = "local", address: str | None = None) -> Generation:
     """Greedy decoding of up to `max_new_tokens` after `prompt` (text, or token ids) on a Plan or a whole model.
 
     The returned iterator yields each token as soon as it is produced; `.stats` has timings after the last one.
     """
     if tokenizer is None:
         raise TokenizerError(NO_TOKENIZER)
-    return Decoder(model, threads).generate(tokenizer, prompt, max_new_tokens, stop_at_eos=stop_at_eos,
+    return Decoder(model, threads, backend, address).generate(tokenizer, prompt, max_new_tokens, stop_at_eos=stop_at_eos,
                                             eos_token_id=eos_token_id)
 
 

@@ -16,18 +16,19 @@ from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 
 def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: str = "vertical", split: str = "auto",
-              dims: Mapping[str, int] | None = None) -> Plan:
+              dims: Mapping[str, int] | None = None, kv_cache: str = "gather") -> Plan:
     """Place every layer (from `mapping` if given, else balanced vertically) and cut the placement into a Plan.
 
     `strategy` horizontal / hybrid (or a mapping with horizontal regions) rewrites layers into parts first
-    (edgesplit.rewrite); `split` picks channels, spatial or auto for the automatic choice.
+    (edgesplit.rewrite); `split` picks channels, spatial or auto for the automatic choice. With strategy "heads",
+    `kv_cache="shard"` gives each device the KV cache of its own heads (for `edgesplit generate`).
     """
     from edgesplit.rewrite.spec import is_horizontal
 
     if strategy == "heads":  # Transformers: attention by heads, MLP by neurons, LM head by vocabulary
         from edgesplit.rewrite.transformer import partition_transformer
 
-        return partition_transformer(graph, cluster, mapping, dims=dims)
+        return partition_transformer(graph, cluster, mapping, dims=dims, kv_cache=kv_cache)
     if strategy != "vertical" or is_horizontal(mapping):
         from edgesplit.rewrite.partition import partition as horizontal
 

@@ -24,3 +24,22 @@ def zoo_graphs(zoo_dir: Path) -> dict:
     import edgesplit
 
     return {name: edgesplit.load(zoo_dir / f"{name}.onnx") for name in ZOO}
+
+
+GPT2_VOCAB = 512  # the random GPT-2 of edgesplit.bench.transformers_zoo
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level tokenizer over the random GPT-2's ids: w0 .. w511, w511 is end-of-sequence."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(GPT2_VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{GPT2_VOCAB - 1}"}))
+    return d

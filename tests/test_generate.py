@@ -31,27 +31,13 @@ from edgesplit.graph import load  # noqa: E402
 from edgesplit.pipeline import partition  # noqa: E402
 from edgesplit.plan import Plan  # noqa: E402
 
-VOCAB = 512
+from tests.conftest import GPT2_VOCAB as VOCAB  # noqa: E402
 PROMPT = "Once upon a time, in a small village in the mountains,"
 
 
 @pytest.fixture(scope="session")
 def cache():
     return tz.default_cache_dir()
-
-
-@pytest.fixture(scope="session")
-def word_tokenizer(tmp_path_factory):
-    """A word-level tokenizer over the random GPT-2's 512 ids: w0 .. w511, w511 is end-of-sequence."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    d = tmp_path_factory.mktemp("tok")
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{VOCAB - 1}"}))
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,75 @@
+"""Token generation on Ray: each device's actor holds its stages' sessions and their KV caches.
+
+Only the tensors between stages (hidden states, masks) cross devices; the past/present tensors of a stage never
+leave the actor that runs it. The driver runs the generation loop of `edgesplit.generate` unchanged: a
+`RemoteStage` has the face of a local stage state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+
+from edgesplit.plan import Plan
+from edgesplit.runtime import raycluster
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class KVWorker:
+    """One device's stages for generation; `step` runs one stage with that stage's own cache."""
+
+    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]], threads: int) -> None:
+        import onnxruntime as ort
+
+        from edgesplit.generate import _StageState
+        from edgesplit.runtime.common import session_options
+
+        opts = session_options(threads)
+        self.states = {name: _StageState(name, device, ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]),
+                                         ins, outs) for name, ins, outs, model in stages}
+
+    def step(self, stage: str, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        results = self.states[stage].step(feeds, batch)
+        return {k: v for k, v in results.items() if not k.startswith("present_")}  # caches stay on the device
+
+    def reset(self) -> None:
+        for state in self.states.values():
+            state.kv.clear()
+
+    def ping(self) -> str:
+        return "ok"
+
+
+@dataclass
+class RemoteStage:
+    """A stage running in its device's KVWorker, with the interface `generate._Runner` drives."""
+
+    name: str
+    device: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    actor: Any
+    shape_only: frozenset[str] = frozenset()
+
+    def step(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+        return ray.get(self.actor.step.remote(self.name, dict(feeds), batch))
+
+    def reset(self) -> None:
+        ray.get(self.actor.reset.remote())
+
+
+def remote_stages(plan: Plan, address: str | None = None, threads: int | None = None) -> list[RemoteStage]:
+    """One KVWorker per device of the plan, pinned by its `edgesplit_device:NAME` resource."""
+    raycluster.connect(plan.cluster, plan.devices, address)
+    actors = {}
+    for device in plan.devices:
+        stages = [(s.name, s.inputs, s.outputs, plan.stage_models[s.name]) for s in plan.device_stages(device)]
+        cores = threads or plan.cluster.device(device).cores
+        actors[device] = KVWorker.options(resources={raycluster.resource(device): 0.001}).remote(device, stages, cores)
+    ray.get([a.ping.remote() for a in actors.values()])
+    return [RemoteStage(s.name, s.device, s.inputs, tuple(o for o in s.outputs if not o.startswith("present_")),
+                        actors[s.device]) for s in plan.order()]
