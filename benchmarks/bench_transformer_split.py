@@ -34,7 +34,7 @@ from edgesplit.bench import transformers_zoo as zoo
 from edgesplit.bench.harness import markdown_table, write_report
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
-from edgesplit.plan import SINK, SOURCE, Plan, cut
+from edgesplit.plan import Plan, cut
 from edgesplit.rewrite import concrete
 from edgesplit.rewrite.transformer import TransformerSplit, split_transformer
 
@@ -80,9 +80,7 @@ def wire(split: TransformerSplit, plan: Plan, sizes: dict[str, int]) -> dict:
     per_block: dict[object, int] = defaultdict(int)
     edges: dict[object, set] = defaultdict(set)
     root_bytes: dict[object, int] = defaultdict(int)
-    for t in plan.transfers:
-        if not t.cross_device or SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst):
-            continue
+    for t in plan.cross_device_transfers:
         b = stage_block[t.src if stage_device[t.src] != root else t.dst]
         per_block[b] += sizes[t.tensor]
         edges[b].add((t.src, t.dst))

@@ -11,7 +11,8 @@ import click
 import numpy as np
 from rich.console import Console
 
-from edgesplit.errors import EdgesplitError, InputError
+from edgesplit.errors import EdgesplitError
+from edgesplit.runtime.streamio import read_npz
 
 _WIDTH = shutil.get_terminal_size((140, 40)).columns  # wide tables when output is not a terminal
 console = Console(width=_WIDTH)
@@ -39,12 +40,6 @@ def _cluster(devices: int | None, cluster: Path | None):
     if (devices is None) == (cluster is None):
         raise EdgesplitError("expected exactly one of --devices N or --cluster cluster.yaml")
     return Cluster.load(cluster) if cluster else Cluster.simulated(devices)
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    from edgesplit.runtime.streamio import read_npz
-
-    return read_npz(path)
 
 
 def _dims(values: tuple[str, ...]) -> dict[str, int]:
@@ -149,7 +144,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
     if stream_path is not None or backend == "ray":
         from edgesplit.runtime import streamio
 
-        requests = streamio.read_requests(stream_path) if stream_path else [_read_npz(input_path)]
+        requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
                                               deadline, dataplane)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
@@ -159,7 +154,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
         if report.failed:
             sys.exit(1)
         return
-    result = LocalExecutor(plan, threads=threads).run(_read_npz(input_path))
+    result = LocalExecutor(plan, threads=threads).run(read_npz(input_path))
     tmp = output.with_name(output.name + ".tmp.npz")
     np.savez(tmp, **result.outputs)
     tmp.replace(output)
@@ -187,7 +182,7 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
     if graph.sha256 != plan.model_sha256:
         raise EdgesplitError(f"{source} is not the model this plan was made from (sha256 {graph.sha256[:12]}…, "
                              f"plan expects {plan.model_sha256[:12]}…)")
-    inputs = _read_npz(input_path) if input_path else random_inputs(plan.inputs, _dims(dims))
+    inputs = read_npz(input_path) if input_path else random_inputs(plan.inputs, _dims(dims))
     diffs = do_verify(plan, graph, inputs, rtol=rtol)
     table = Table(title=f"plan vs whole model (rtol {rtol:g})")
     for col in ("output", "max abs diff", "max rel diff", "ok"):
@@ -228,7 +223,7 @@ def _recorded_model(plan_dir: Path, plan) -> Path:
     recorded = json.loads((plan_dir / "plan.json").read_text())["model"].get("path")
     if recorded and Path(recorded).is_file():
         return Path(recorded)
-    raise EdgesplitError(f"the plan does not say where its source model is; give it with --model MODEL.onnx")
+    raise EdgesplitError("the plan does not say where its source model is; give it with --model MODEL.onnx")
 
 
 @main.command()

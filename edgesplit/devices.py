@@ -79,7 +79,7 @@ def require_token_auth() -> None:
         from ray._raylet import AuthenticationTokenLoader  # noqa: F401
     except ImportError as exc:
         version = _ray_version()
-        raise EdgesplitError(
+        raise ClusterError(
             f"Ray token authentication needs ray >= {TOKEN_AUTH_SINCE}, but the installed ray is {version} "
             f"({exc.msg}); upgrade with `pip install 'ray[default]>={TOKEN_AUTH_SINCE}'`, or pass --no-auth to run "
             "an unauthenticated cluster on a network you trust") from None

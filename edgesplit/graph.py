@@ -130,8 +130,7 @@ def from_model(
     tensors = _tensor_infos(inferred, dims or {})
     layers = _layers(inferred, tensors)
     digest = sha256 or _sha256_bytes(model.SerializeToString())
-    regions = tuple(json.loads(p.value) for p in inferred.metadata_props if p.key == REGIONS_KEY)
-    regions = regions[0] if regions else ()
+    regions = next((json.loads(p.value) for p in inferred.metadata_props if p.key == REGIONS_KEY), [])
     return Graph(
         model=inferred,
         layers=layers,
@@ -312,12 +311,11 @@ def _probe(model: onnx.ModelProto, unknown: Mapping[str, onnx.NodeProto], dims: 
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        declared = {i.name: i for i in model.graph.input}
         feeds = {}
         for i in sess.get_inputs():
             shape = [d if isinstance(d, int) else dims.get(str(d), 1) for d in i.shape]
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(helper.np_dtype_to_tensor_dtype(np.dtype(
-                {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32",
-                 "tensor(bool)": "bool", "tensor(float16)": "float16"}[i.type]))))
+            dtype = helper.tensor_dtype_to_np_dtype(declared[i.name].type.tensor_type.elem_type)
             feeds[i.name] = np.ones(shape, dtype=dtype)
         values = sess.run(list(unknown), feeds)
     except Exception as exc:

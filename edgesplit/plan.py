@@ -51,6 +51,11 @@ class Transfer:
     nbytes: int
     cross_device: bool
 
+    @property
+    def between_devices(self) -> bool:
+        """Crosses from one device's stage to another's (the requester's feeds and results excluded)."""
+        return self.cross_device and SOURCE != self.src and SINK != self.dst
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -81,11 +86,12 @@ class Plan:
 
     @property
     def cross_device_transfers(self) -> tuple[Transfer, ...]:
-        return tuple(t for t in self.transfers if t.cross_device)
+        """Tensors moving between stages on different devices (not the requester's feeds and results)."""
+        return tuple(t for t in self.transfers if t.between_devices)
 
     def wire_bytes(self) -> int:
         """Bytes crossing between devices per inference (the requester's feeds and results not included)."""
-        return sum(t.nbytes for t in self.transfers if t.cross_device and SOURCE not in (t.src, t.dst) and SINK not in (t.src, t.dst))
+        return sum(t.nbytes for t in self.cross_device_transfers)
 
     def stage_model(self, name: str) -> onnx.ModelProto:
         return onnx.load_from_string(self.stage_models[name])

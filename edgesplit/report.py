@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from edgesplit.graph import Graph
-from edgesplit.plan import SINK, SOURCE, Plan
+from edgesplit.plan import Plan
 
 
 def human_bytes(n: float) -> str:
@@ -55,7 +55,7 @@ def device_summary(plan: Plan) -> list[dict[str, Any]]:
     sent: dict[str, int] = defaultdict(int)
     received: dict[str, int] = defaultdict(int)
     for t in plan.transfers:
-        if not t.cross_device or SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst):
+        if not t.between_devices:
             continue
         sent[device_of[t.src]] += t.nbytes
         received[device_of[t.dst]] += t.nbytes
@@ -77,7 +77,7 @@ def device_summary(plan: Plan) -> list[dict[str, Any]]:
 
 def plan_table(plan: Plan) -> Table:
     table = Table(title=f"plan for {plan.model_name}: {len(plan.stages)} stages, "
-                        f"{len(plan.cross_device_transfers) - _requester_transfers(plan)} cross-device tensors, "
+                        f"{len(plan.cross_device_transfers)} cross-device tensors, "
                         f"{human_bytes(plan.wire_bytes())} on the wire per inference")
     for col in ("device", "stages", "layers", "param bytes", "MACs share", "sends", "receives"):
         table.add_column(col, justify="left" if col in ("device", "stages") else "right")
@@ -87,17 +87,13 @@ def plan_table(plan: Plan) -> Table:
     return table
 
 
-def _requester_transfers(plan: Plan) -> int:
-    return sum(1 for t in plan.cross_device_transfers if SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst))
-
-
 def transfer_table(plan: Plan) -> Table:
     device_of = {s.name: s.device for s in plan.stages}
     table = Table(title="transfers between devices (per inference, batch 1)")
     for col in ("tensor", "from", "to", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for t in plan.transfers:
-        if t.cross_device and SOURCE not in (t.src, t.dst) and SINK not in (t.src, t.dst):
+        if t.between_devices:
             table.add_row(t.tensor, f"{t.src} ({device_of[t.src]})", f"{t.dst} ({device_of[t.dst]})", human_bytes(t.nbytes))
     return table
 
@@ -132,9 +128,7 @@ def region_bytes(plan: Plan, region: dict[str, Any]) -> int:
     combines = set(region.get("combine_nodes") or [region["combine"]])
     inputs, outputs = set(region.get("inputs", ())), {p["output"] for p in region["parts"]}
     total = 0
-    for t in plan.transfers:
-        if not t.cross_device or SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst):
-            continue
+    for t in plan.cross_device_transfers:
         into = stage_nodes.get(t.dst, set())
         if (t.tensor in inputs and into & parts) or (t.tensor in outputs and into & combines):
             total += t.nbytes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ZOO = ("resnet", "densenet", "vgg", "mobilenet", "inception")
@@ -43,3 +44,17 @@ def word_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{GPT2_VOCAB - 1}"}))
     return d
+
+
+def assert_plan_matches(plan, graph, batch: int = 2, rtol: float = 1e-5) -> None:
+    """The plan's outputs equal the whole model's (one onnxruntime session) within `rtol` of the largest value."""
+    import edgesplit
+    from edgesplit.runtime import random_inputs, run_whole_model
+
+    x = random_inputs(plan.inputs, {"batch": batch}, seed=batch)
+    got = edgesplit.LocalExecutor(plan, threads=1).run(x).outputs
+    ref = run_whole_model(graph.model, x, threads=1)
+    for name, want in ref.items():
+        assert got[name].shape == want.shape
+        err = np.max(np.abs(got[name] - want)) / max(np.max(np.abs(want)), 1e-30)
+        assert err <= rtol, f"{name}: relative error {err:.2e}"

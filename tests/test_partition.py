@@ -13,20 +13,8 @@ import pytest
 import edgesplit
 from edgesplit.place import balance
 from edgesplit.plan import SINK, SOURCE, Plan
-from edgesplit.runtime import random_inputs, run_whole_model
-from tests.conftest import ZOO
+from tests.conftest import ZOO, assert_plan_matches
 
-RTOL = 1e-5
-
-
-def _assert_matches(plan: Plan, graph: edgesplit.Graph, batch: int = 2) -> None:
-    x = random_inputs(plan.inputs, {"batch": batch}, seed=batch)
-    got = edgesplit.LocalExecutor(plan, threads=1).run(x).outputs
-    ref = run_whole_model(graph.model, x, threads=1)
-    for name, want in ref.items():
-        assert got[name].shape == want.shape
-        err = np.max(np.abs(got[name] - want)) / max(np.max(np.abs(want)), 1e-30)
-        assert err <= RTOL, f"{name}: relative error {err:.2e}"
 
 
 def _mapping(graph, devices, assign) -> dict[str, list[str]]:
@@ -45,7 +33,7 @@ def test_every_single_cut_point(name, zoo_graphs):
         plan = edgesplit.partition(graph, cluster, _mapping(graph, cluster.names, ["dev0"] * cut_at + ["dev1"] * (n - cut_at)))
         assert plan.validate() == []
         assert {s.device for s in plan.stages} == {"dev0", "dev1"}
-        _assert_matches(plan, graph, batch=1 + cut_at % 3)
+        assert_plan_matches(plan, graph, batch=1 + cut_at % 3)
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -57,7 +45,7 @@ def test_random_non_contiguous_placements(name, zoo_graphs):
         for _ in range(4):
             plan = edgesplit.partition(graph, cluster, _mapping(graph, cluster.names, [rng.choice(cluster.names) for _ in graph.layers]))
             assert plan.validate() == []
-            _assert_matches(plan, graph, batch=rng.randint(1, 4))
+            assert_plan_matches(plan, graph, batch=rng.randint(1, 4))
 
 
 def test_first_and_last_blocks_on_one_device(zoo_graphs):
@@ -68,7 +56,7 @@ def test_first_and_last_blocks_on_one_device(zoo_graphs):
     cluster = edgesplit.Cluster((edgesplit.Device("a", 1, 2**30), edgesplit.Device("b", 1, 2**30)))
     plan = edgesplit.partition(graph, cluster, _mapping(graph, ("a", "b"), assign))
     assert [s.device for s in plan.stages] == ["a", "b", "a"]  # device a holds two stages, and never waits on itself
-    _assert_matches(plan, graph)
+    assert_plan_matches(plan, graph)
 
 
 def test_stages_are_valid_onnx_and_keep_dynamic_batch(zoo_graphs, tmp_path: Path):
@@ -80,7 +68,7 @@ def test_stages_are_valid_onnx_and_keep_dynamic_batch(zoo_graphs, tmp_path: Path
         onnx.checker.check_model(str(path), full_check=True)
         model = onnx.load(path)
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    _assert_matches(Plan.load(tmp_path / "plan"), graph, batch=7)
+    assert_plan_matches(Plan.load(tmp_path / "plan"), graph, batch=7)
 
 
 def test_plan_json_records_hashes_transfers_and_cluster(zoo_graphs, zoo_dir: Path, tmp_path: Path):

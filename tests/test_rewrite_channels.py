@@ -13,8 +13,7 @@ from edgesplit.plan import cut
 from edgesplit.rewrite import SplitRequest, apply
 from edgesplit.rewrite.assign import placement
 from edgesplit.rewrite.base import SplitError, ranges_from, sizes
-from edgesplit.runtime import random_inputs, run_whole_model
-from tests.conftest import ZOO
+from tests.conftest import assert_plan_matches, ZOO
 
 RTOL = 1e-5
 PARTS = (2, 3, 4, 5)
@@ -66,13 +65,7 @@ def split_plan(graph, requests, cluster):
 
 
 def assert_exact(plan, graph, batch: int = 2) -> None:
-    x = random_inputs(plan.inputs, {"batch": batch}, seed=batch)
-    got = edgesplit.LocalExecutor(plan, threads=1).run(x).outputs
-    ref = run_whole_model(graph.model, x, threads=1)
-    for name, want in ref.items():
-        assert got[name].shape == want.shape
-        err = np.max(np.abs(got[name] - want)) / max(np.max(np.abs(want)), 1e-30)
-        assert err <= RTOL, f"{name}: relative error {err:.2e}"
+    assert_plan_matches(plan, graph, batch, RTOL)
 
 
 def assert_region(rewritten, kind: str, k: int) -> dict:

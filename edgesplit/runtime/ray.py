@@ -47,7 +47,6 @@ class DeviceWorker:
 
     def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
                  threads: int) -> None:
-        import onnxruntime as ort
         import psutil
 
         self.device = device

@@ -6,28 +6,16 @@ Convention shared with `edgesplit device join`: a node that hosts device NAME ad
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from edgesplit.cluster import Cluster
+from edgesplit.devices import RESOURCE_PREFIX as RESOURCE
+from edgesplit.devices import probe, require_token_auth, resource
 from edgesplit.errors import ClusterError
 
-RESOURCE = "edgesplit_device:"
-MIN_RAY = "2.52"  # the first Ray with token authentication
-
-
-def resource(device: str) -> str:
-    return RESOURCE + device
-
-
-def token_auth_supported() -> bool:
-    try:
-        from ray._raylet import AuthenticationMode  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["Host", "check_devices", "connect", "hosts", "probe_head", "resource"]
 
 
 @dataclass(frozen=True)
@@ -68,13 +56,7 @@ def check_devices(found: Mapping[str, list[Host]], wanted: Iterable[str]) -> Non
 
 def probe_head(address: str, timeout: float) -> None:
     """Fail fast, naming the address, when the head does not answer (Ray itself would retry for a minute)."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"expected a head address HOST:PORT (e.g. 10.0.0.1:6379), got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ClusterError(f"the Ray head at {address} did not answer within {timeout:g} s ({exc})") from None
+    host, port = probe(address.removeprefix("ray://"), timeout)
     _gcs_answers(f"{host}:{port}", timeout)
 
 
@@ -112,9 +94,7 @@ def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None
     devices = list(devices)
     started = False
     if address:
-        if not token_auth_supported():
-            raise ClusterError(f"Ray {ray.__version__} has no token authentication; edgesplit needs Ray >= {MIN_RAY} "
-                               f"to join a cluster (pip install 'ray[default]>={MIN_RAY}')")
+        require_token_auth()
         if address != "auto":
             probe_head(address, timeout)
     if not ray.is_initialized():
