@@ -7,6 +7,7 @@ Writes benchmarks/results/core.json and core.md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -24,32 +25,46 @@ from edgesplit.runtime.common import session_options
 THREADS = 2
 
 
-def overhead(model: Path, repeats: int) -> list[dict]:
+def overhead(model: Path, repeats: int, rounds: int) -> list[dict]:
+    """Plan vs whole model, `rounds` times over; each row keeps every round's ratio so the spread is on record."""
     graph = edgesplit.load(model)
-    x = random_inputs(graph_inputs := tuple(graph.tensors[t] for t in graph.inputs))
+    x = random_inputs(tuple(graph.tensors[t] for t in graph.inputs))
     whole = ort.InferenceSession(str(model), session_options(THREADS), providers=["CPUExecutionProvider"])
-    plans = {
-        "1 stage": edgesplit.partition(graph, edgesplit.Cluster.simulated(1)),
-        "4 stages": edgesplit.partition(graph, edgesplit.Cluster.simulated(4)),
-    }
-    default_opts = ort.SessionOptions()
-    default_opts.intra_op_num_threads = THREADS
-    spinning = ort.InferenceSession(str(model), default_opts, providers=["CPUExecutionProvider"])
+    plans = {"1 stage": edgesplit.partition(graph, edgesplit.Cluster.simulated(1)),
+             "4 stages": edgesplit.partition(graph, edgesplit.Cluster.simulated(4))}
     runners = {"whole model (onnxruntime)": lambda: whole.run(None, x)}
     for label, plan in plans.items():
         ex = edgesplit.LocalExecutor(plan, threads=THREADS)
         runners[label] = lambda ex=ex: ex.run(x)
-    medians = interleaved_medians(runners, repeats)
-    # measured apart: its spinning threads would slow whatever runs right after it
-    medians["whole model (onnxruntime defaults, spinning on)"] = median_seconds(lambda: spinning.run(None, x), repeats)
-    base = medians["whole model (onnxruntime)"]
+    # onnxruntime's defaults (spinning on), measured apart: spinning threads slow whatever runs right after them
+    spinning_opts = ort.SessionOptions()
+    spinning_opts.intra_op_num_threads = THREADS
+    spinning_whole = ort.InferenceSession(str(model), spinning_opts, providers=["CPUExecutionProvider"])
+    four = plans["4 stages"]
+    spinning_stages = [(s, ort.InferenceSession(four.stage_models[s.name], spinning_opts, providers=["CPUExecutionProvider"]))
+                       for s in four.order()]
+
+    def spinning_plan() -> None:
+        values = dict(x)
+        for stage, sess in spinning_stages:
+            values.update(zip(stage.outputs, sess.run(list(stage.outputs), {t: values[t] for t in stage.inputs})))
+
+    apart = {"whole model (onnxruntime defaults, spinning on)": lambda: spinning_whole.run(None, x),
+             "4 stages, spinning on": spinning_plan}
+    per_round = []
+    for _ in range(rounds):
+        medians = interleaved_medians(runners, repeats)
+        medians.update({label: median_seconds(fn, repeats) for label, fn in apart.items()})
+        per_round.append(medians)
+    stages = {"whole model (onnxruntime)": 1, "whole model (onnxruntime defaults, spinning on)": 1,
+              "1 stage": len(plans["1 stage"].stages), "4 stages": len(four.stages), "4 stages, spinning on": len(four.stages)}
     goals = {"1 stage": 1.05, "4 stages": 1.15}
-    rows = [{"plan": label, "stages": 1, "median_ms": medians[label] * 1e3, "ratio": medians[label] / base, "goal": None}
-            for label in ("whole model (onnxruntime)", "whole model (onnxruntime defaults, spinning on)")]
-    for label, plan in plans.items():
-        rows.append({"plan": label, "stages": len(plan.stages), "median_ms": medians[label] * 1e3,
-                     "ratio": medians[label] / base, "goal": goals[label]})
-    del graph_inputs
+    rows = []
+    for label in stages:
+        ratios = [m[label] / m["whole model (onnxruntime)"] for m in per_round]
+        rows.append({"plan": label, "stages": stages[label], "median_ms": statistics.median(m[label] for m in per_round) * 1e3,
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                     "goal": goals.get(label)})
     return rows
 
 
@@ -96,7 +111,8 @@ def partition_time(path: Path, out: Path, devices: int = 4) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3, help="independent repetitions of the overhead measurement")
     ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller big model (smoke run)")
     args = ap.parse_args()
     repeats = 10 if args.quick else args.repeats
@@ -108,17 +124,20 @@ def main() -> None:
         big_blocks = (6, 12, 24, 16) if args.quick else (6, 12, 64, 48)
         big = zoo.export(zoo.DenseNet(growth=32, blocks=big_blocks, stem=64, classes=1000), (1, 3, 224, 224), d / "densenet_big.onnx")
         models["densenet-264 (BN kept)"] = big
-        over = overhead(r18, repeats)
+        over = overhead(r18, repeats, 1 if args.quick else args.rounds)
         quality = balance_quality(models)
         timing = partition_time(big, d / "big-plan")
-    data = {"threads": THREADS, "repeats": repeats, "overhead": over, "balance": quality, "partition_time": timing}
+    rounds = 1 if args.quick else args.rounds
+    data = {"threads": THREADS, "repeats": repeats, "rounds": rounds, "overhead": over, "balance": quality, "partition_time": timing}
     sections = [
         ("Local executor overhead (ResNet-18, 1×3×224×224, BatchNorm folded)",
-         f"onnxruntime intra-op threads = {THREADS} for every session, thread spinning off (edgesplit's setting: idle "
-         f"spinning threads of one stage steal the cores the next stage needs), median of {repeats} interleaved runs. "
-         f"The second row is onnxruntime's default (spinning on), timed apart, for reference; ratios are against the first row.\n\n" +
-         markdown_table(["plan", "stages", "median ms", "ratio vs whole", "goal"],
-                        [[r["plan"], r["stages"], r["median_ms"], r["ratio"], r["goal"] or "-"] for r in over])),
+         f"onnxruntime intra-op threads = {THREADS} for every session, thread spinning off (edgesplit's setting), "
+         f"median of {repeats} interleaved runs, {rounds} independent rounds (ratio: median of the rounds; min–max "
+         "beside it). The rows marked 'spinning on' are onnxruntime's default, timed apart: they show what the "
+         "setting is for — idle spinning threads of one stage steal the cores the next stage needs.\n\n" +
+         markdown_table(["plan", "stages", "median ms", "ratio vs whole", "ratio min–max", "goal"],
+                        [[r["plan"], r["stages"], r["median_ms"], r["ratio"], f"{r['ratio_min']:.3f}–{r['ratio_max']:.3f}",
+                          r["goal"] or "-"] for r in over])),
         ("Automatic vertical placement on 4 equal devices",
          "max/mean MACs per device (goal ≤ 1.25 where a cut allows it). 'best cut' is the smallest bottleneck any "
          "contiguous vertical cut reaches; the balancer trades up to 5 % of it for smaller crossing tensors.\n\n" +

@@ -60,6 +60,7 @@ def drive(work: Path, repeats: int, out: Path) -> None:
 
     from edgesplit.plan import Plan
     from edgesplit.runtime.common import session_options
+    from edgesplit.bench.harness import timings
     from edgesplit.runtime.ray import RayExecutor
 
     rng = np.random.default_rng(0)
@@ -67,18 +68,18 @@ def drive(work: Path, repeats: int, out: Path) -> None:
     name = sess.get_inputs()[0].name
     x = {name: rng.standard_normal(sess.get_inputs()[0].shape).astype(np.float32)}
     ref = sess.run(None, x)[0]
-    whole = _timed(lambda: sess.run(None, x), repeats)
+    whole = timings(lambda: sess.run(None, x), repeats, warmup=1)
     result: dict = {"whole_model_s": whole}
     for n in (2, 3):
         plan = Plan.load(work / f"plan{n}")
         with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane="tasks") as ex:
             got = ex.run(x).outputs
             err = float(np.abs(next(iter(got.values())) - ref).max())
-            _timed(lambda: ex.run(x), 2)
+            timings(lambda: ex.run(x), 2, warmup=1)
             time.sleep(1.0)
             idle_before = _idle_rate(3.0)
             before, t0 = _sent(), time.monotonic()
-            times = _timed(lambda: ex.run(x), repeats)
+            times = timings(lambda: ex.run(x), repeats, warmup=1)
             elapsed, after = time.monotonic() - t0, _sent()
             time.sleep(1.0)
             idle_after = _idle_rate(3.0)
@@ -87,16 +88,6 @@ def drive(work: Path, repeats: int, out: Path) -> None:
         result[f"plan{n}"] = {"latency_s": times, "max_abs_diff": err, "sent_per_inference": per_device,
                               "idle_bytes_per_s": idle}
     out.write_text(json.dumps(result))
-
-
-def _timed(fn, repeats: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def _sent() -> dict[str, int]:

@@ -39,7 +39,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+def timings(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of `repeats` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -47,7 +48,11 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> f
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    return statistics.median(timings(fn, repeats, warmup))
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
