@@ -48,7 +48,7 @@ def from_mapping(graph: Graph, cluster: Cluster, mapping: Any) -> dict[str, str]
             problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}")
         items = items if isinstance(items, list) else [items]
         for item in items:
-            for layer in _expand(graph, item, problems):
+            for layer in expand_layers(graph, item, problems):
                 if layer in placement and placement[layer] != device:
                     problems.append(f"layer {layer!r} is assigned to two devices: {placement[layer]!r} and {device!r}")
                 placement[layer] = device
@@ -61,7 +61,8 @@ def from_mapping(graph: Graph, cluster: Cluster, mapping: Any) -> dict[str, str]
     return placement
 
 
-def _expand(graph: Graph, item: Any, problems: list[str]) -> list[str]:
+def expand_layers(graph: Graph, item: Any, problems: list[str]) -> list[str]:
+    """A layer name or {from: a, to: b} (inclusive, topological order) -> layer names; problems are appended."""
     if isinstance(item, str):
         if graph.has_layer(item):
             return [item]

@@ -97,6 +97,8 @@ BAD = [
     ("mobilenet", {"/body/body.3/f/f.3/Conv": ["lip", [], ["dev0", "dev1"]]}, SplitError, r"group 32.*expected group 1"),
     ("mobilenet", {"/body/body.3/f/f.6/Conv": ["lop", [3], ["dev0", "dev1"]]}, SplitError, r"multiples of 4"),
     ("vgg", {"nope": ["lop", [], ["dev0", "dev1"]]}, MappingError, r"unknown layer 'nope'"),
+    ("vgg", {"regions": [{"layers": "/body/body.0/Conx", "split": "lop", "devices": ["dev0", "dev1"]}]}, MappingError,
+     r"unknown layer '/body/body.0/Conx'; did you mean '/body/body.0/Conv'"),
     ("vgg", {CONV: ["lop", [], ["dev0", "devX"]]}, SplitError, r"device 'devX' is not in the cluster"),
     ("vgg", {CONV: ["lop", [], ["dev0"]]}, SplitError, r"at least 2 devices"),
     ("vgg", {CONV: ["grid", [], ["dev0", "dev1"]]}, MappingError, r"AutoDiCE horizontal kind must be one of"),

@@ -23,6 +23,7 @@ from typing import Any
 from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError
 from edgesplit.graph import Graph
+from edgesplit.place import expand_layers
 from edgesplit.rewrite.base import KINDS, SplitRequest
 from edgesplit.rewrite.fused import lop_units
 from edgesplit.rewrite.spatial import GLOBAL, WINDOWED
@@ -135,31 +136,14 @@ def _head_ok(graph: Graph, name: str, kind: str) -> bool:
 
 
 def expand(graph: Graph, spec: Any, where: str, problems: list[str]) -> list[str]:
-    """A layer name, a list of names, or {from: a, to: b} (inclusive, topological order)."""
-    if isinstance(spec, str):
-        spec = [spec]
-    if isinstance(spec, dict):
-        if set(spec) != {"from", "to"}:
-            problems.append(f"{where}: expected layers as a name, a list or {{from: a, to: b}}, got {spec!r}")
-            return []
-        a, b = str(spec["from"]), str(spec["to"])
-        bad = [x for x in (a, b) if not graph.has_layer(x)]
-        if bad:
-            problems.extend(f"{where}: unknown layer {x!r}" for x in bad)
-            return []
-        i, j = graph.position(a), graph.position(b)
-        if i > j:
-            problems.append(f"{where}: {a!r} comes after {b!r} in topological order")
-            return []
-        return [l.name for l in graph.layers[i: j + 1]]
-    if isinstance(spec, list) and all(isinstance(x, str) for x in spec) and spec:
-        bad = [x for x in spec if not graph.has_layer(x)]
-        if bad:
-            problems.extend(f"{where}: unknown layer {x!r}" for x in bad)
-            return []
-        return sorted(spec, key=graph.position)
-    problems.append(f"{where}: expected layers as a name, a list or {{from: a, to: b}}, got {spec!r}")
-    return []
+    """A layer name, a list of names, or {from: a, to: b} (inclusive, topological order), in topological order."""
+    items = spec if isinstance(spec, list) and spec else [spec]
+    found: list[str] = []
+    mine: list[str] = []
+    for item in items:
+        found += expand_layers(graph, item, mine)
+    problems.extend(f"{where}: {p}" for p in mine)
+    return [] if mine else sorted(dict.fromkeys(found), key=graph.position)
 
 
 def vertical_placement(graph: Graph, cluster: Cluster, vertical: Mapping[str, Any],
