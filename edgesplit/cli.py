@@ -132,8 +132,11 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 @click.option("--deadline", type=float, default=30.0, show_default=True, help="Seconds a request may take (ray).")
 @click.option("--dataplane", type=click.Choice(["auto", "tasks", "compiled"]), default="auto", show_default=True,
               help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
+@click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
+              help="ray: requests sent through each device per call; more divides Ray's per-call cost (throughput), "
+                   "and each chunk of N gets N times the deadline.")
 def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
-        backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str) -> None:
+        backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int) -> None:
     """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
     from edgesplit.plan import Plan
     from edgesplit.runtime.local import LocalExecutor
@@ -146,7 +149,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
 
         requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
-                                              deadline, dataplane)
+                                              deadline, dataplane, chunk)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
         for message, count in streamio.describe_failures(answers).items():
             err_console.print(f"[red]{count} request(s) failed:[/] {message}", highlight=False)

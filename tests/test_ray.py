@@ -7,6 +7,7 @@ the executor (`kill`, `stall`): every request gets an answer or a clear error.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -130,6 +131,84 @@ def test_stream_keeps_order_with_many_in_flight_and_ships_what_the_plan_says(ray
     assert sum(received.values()) - received[first] == len(requests) * plan.wire_bytes()
     for d in after:  # each device loaded only its own stages
         assert set(after[d]["calls"]) == {s.name for s in plan.device_stages(d)}
+
+
+@pytest.mark.parametrize("dataplane", ["tasks", "compiled"])
+def test_chunked_stream_is_identical_in_order_and_a_bad_request_fails_alone(ray_instance, plans, dataplane):
+    plan = plans["vertical3"]
+    requests = _requests(plan, 17)
+    requests[6] = {"wrong": np.zeros(3)}
+    local = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane=dataplane) as ex:
+        before = ex.stats()
+        session = ex.session(3, chunk=4)
+        answers = list(session.stream(requests))
+        after = ex.stats()
+        if dataplane == "compiled":
+            assert ex.compiled_graph_active
+    assert len(answers) == 17 and isinstance(answers[6], EdgesplitError) and "missing input" in str(answers[6])
+    for i, (answer, x) in enumerate(zip(answers, requests)):
+        if i != 6:
+            _same(answer, local.run(x))
+    assert (session.report().full, session.report().failed) == (16, 1)
+    calls = {d: sum(after[d]["calls"].values()) - sum(before[d]["calls"].values()) for d in after}
+    warmup = dataplane == "compiled"  # a compiled graph's first execution sets its channels up, on one request
+    assert all(n == 16 + warmup for n in calls.values())  # each valid request once through each device, not twice
+    with pytest.raises(EdgesplitError, match="chunk of at least 1"):
+        ex.session(chunk=0)
+
+
+def test_compiled_graph_keeps_running_while_the_caller_keeps_every_answer(ray_instance, plans):
+    plan = plans["vertical2"]
+    requests = _requests(plan, 48)  # more than the graph has output buffers (MAX_IN_FLIGHT)
+    with executor(plan, dataplane="compiled", deadline=5.0) as ex:
+        before = ex.stats()
+        answers = list(ex.session(4).stream(requests))  # kept: none may pin a buffer of the graph
+        after = ex.stats()
+        assert ex.compiled_graph_active, ex.compile_error
+    calls = {d: sum(after[d]["calls"].values()) - sum(before[d]["calls"].values()) for d in after}
+    assert all(n == 48 + 1 for n in calls.values())  # the warm-up, then each request once: nothing re-sent
+    for answer, x in zip(answers, requests):
+        np.testing.assert_allclose(answer.outputs["output"], LocalExecutor(plan, threads=1).run(x).outputs["output"],
+                                   rtol=0, atol=0)
+
+
+def test_chunked_stream_survives_a_kill_and_a_silent_device(ray_instance, plans):
+    plan = plans["horizontal"]
+    requests = _requests(plan, 24)
+    local = LocalExecutor(plan, threads=1)
+    with executor(plan, dataplane="tasks", deadline=1.0, rejoin_interval=None) as ex:
+        session = ex.session(3, chunk=4)
+        answers = []
+        for i, answer in enumerate(session.stream(requests)):
+            answers.append(answer)
+            if i == 5:
+                kill(ex, "dev1")  # part A: its replica on dev3 takes over
+            if i == 9:
+                stall(ex, "dev3", 10.0)  # the replica falls silent as well: no part A left, no degraded answers
+        report = session.report()
+    assert len(answers) == 24
+    for answer, x in zip(answers[:10], requests):
+        _same(answer, local.run(x))
+    failed = [a for a in answers[10:] if not isinstance(a, RunResult)]
+    assert failed and all(isinstance(e, DeviceFailedError) for e in failed)
+    assert [(e.device, e.reason) for e in report.events if isinstance(e, DeviceLost)] == [("dev1", "died"),
+                                                                                         ("dev3", "silent")]
+    assert report.full + report.failed == 24
+
+
+def test_simulated_devices_get_their_own_cores(ray_instance, vertical):
+    free = sorted(os.sched_getaffinity(0))
+    if len(free) < 2:
+        pytest.skip(f"needs 2 CPUs to pin 2 one-core devices, this machine gives {len(free)}")
+    two = Cluster.simulated(2, cores=1)
+    assert raycluster.local_cpus(two, ["dev0", "dev1"]) == {"dev0": (free[0],), "dev1": (free[1],)}
+    assert raycluster.local_cpus(Cluster.simulated(2, cores=len(free)), ["dev0", "dev1"]) == {}  # does not fit
+    plan = partition(vertical[1], two)
+    with executor(plan, dataplane="tasks") as ex:
+        assert {d: st["cpus"] for d, st in ex.stats().items()} == {"dev0": [free[0]], "dev1": [free[1]]}
+    with executor(plan, dataplane="tasks", threads=2) as ex:  # threads set by hand: not pinned
+        assert all(st["cpus"] == free for st in ex.stats().values())
 
 
 def test_dead_part_with_replica_mid_stream_answers_everything_in_full(ray_instance, plans):
@@ -317,7 +396,7 @@ def test_cli_streams_a_directory_through_ray(ray_instance, plans, tmp_path: Path
     for i, x in enumerate(requests):
         np.savez(tmp_path / "in" / f"{i:03d}.npz", **x)
     result = CliRunner().invoke(main, ["run", str(tmp_path / "plan"), "--backend", "ray", "--dataplane", "tasks",
-                                       "--stream", str(tmp_path / "in"), "-o", str(tmp_path / "y.npz")])
+                                       "--chunk", "2", "--stream", str(tmp_path / "in"), "-o", str(tmp_path / "y.npz")])
     assert result.exit_code == 0, result.output
     assert "5 requests" in result.output and "5 full" in result.output and "/s" in result.output
     with np.load(tmp_path / "y.npz") as y:

@@ -10,6 +10,7 @@ flight that used it is re-routed (`failures.route`: replica, else zeros if degra
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import threading
 import time
@@ -46,37 +47,50 @@ class DeviceWorker:
     a running stage (own concurrency group), so a busy device is told apart from a silent one."""
 
     def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
-                 threads: int) -> None:
+                 threads: int, cpus: tuple[int, ...] = ()) -> None:
         import psutil
 
+        if cpus:
+            _pin(cpus)
         self.device = device
         self.process = psutil.Process()
-        self.rss_start = self.process.memory_info().rss
+        self.uss_start = self.process.memory_full_info().uss
+        _start_onnxruntime(threads)
+        self.uss_runtime = self.process.memory_full_info().uss  # onnxruntime's fixed cost, before any stage
         self.inputs = {name: ins for name, ins, _, _ in stages}
         self.outputs = {name: list(outs) for name, _, outs, _ in stages}
         self.sessions = {name: _lean_session(model, threads) for name, _, _, model in stages}
         del stages
-        self.rss_loaded = self.process.memory_info().rss
+        self.uss_loaded = self.process.memory_full_info().uss
         self.trimmed = False
         self.bytes_in: dict[str, int] = defaultdict(int)  # "stage/tensor" -> bytes received
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
 
-    def run(self, stage: str, *args: Any) -> Any:
+    def run(self, stage: str, *args: list[Any], size: int = 1) -> Any:
+        """Runs `stage` on a chunk of requests, one after the other: each argument is a list with one value per
+        request, and so is each output (a tuple of them when the stage has several). `size` counts the requests of
+        a stage without inputs."""
+        size = len(args[0]) if args else size
         if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
             self.trimmed = _trim()
-        feeds = {}
-        for name, value in zip(self.inputs[stage], args):
-            if isinstance(value, Fill):
-                value = value.array()
-            else:
-                self.bytes_in[f"{stage}/{name}"] += value.nbytes
-            feeds[name] = value
-        t0 = time.perf_counter()
-        out = self.sessions[stage].run(self.outputs[stage], feeds)
-        self.seconds[stage] += time.perf_counter() - t0
-        self.calls[stage] += 1
-        return out[0] if len(out) == 1 else tuple(out)
+        answers = []
+        for i in range(size):
+            feeds = {}
+            for name, values in zip(self.inputs[stage], args):
+                value = values[i]
+                if isinstance(value, Fill):
+                    value = value.array()
+                else:
+                    self.bytes_in[f"{stage}/{name}"] += value.nbytes
+                feeds[name] = value
+            t0 = time.perf_counter()
+            answers.append(self.sessions[stage].run(self.outputs[stage], feeds))
+            self.seconds[stage] += time.perf_counter() - t0
+            self.calls[stage] += 1
+        per_output = tuple(list(values) for values in zip(*answers)) if answers else tuple(
+            [] for _ in self.outputs[stage])
+        return per_output[0] if len(per_output) == 1 else per_output
 
     @ray.method(concurrency_group="health")
     def ping(self) -> str:
@@ -86,14 +100,42 @@ class DeviceWorker:
     def stats(self) -> dict[str, Any]:
         mem = self.process.memory_full_info()
         return {"device": self.device, "pid": self.process.pid, "rss": mem.rss, "uss": mem.uss,
-                "rss_start": self.rss_start, "rss_loaded": self.rss_loaded, "bytes_in": dict(self.bytes_in),
+                "uss_start": self.uss_start, "uss_runtime": self.uss_runtime, "uss_loaded": self.uss_loaded,
+                "cpus": sorted(os.sched_getaffinity(0)), "bytes_in": dict(self.bytes_in),
                 "seconds": dict(self.seconds), "calls": dict(self.calls)}
+
+
+def _pin(cpus: tuple[int, ...]) -> None:
+    """Every thread of this process (Ray's included) on `cpus`; threads started later inherit it."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
+def _start_onnxruntime(threads: int) -> None:
+    """Initialise onnxruntime's process-wide state (environment, kernel registries: about 9 MiB whatever the model)
+    with a one-node session, so that a device's memory splits into Ray's worker, this fixed runtime cost, and its
+    stages' share."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "start", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros(1, np.float32)})
+    _trim()
 
 
 def _lean_session(model: bytes, threads: int) -> Any:
     """An onnxruntime session holding about its parameters once: optimise once into a file (fusions made at load
-    time keep the unfused weights alive as well), then load that file with optimisations off and no arena. The
-    optimised graph is the one the local executor runs, so outputs stay bitwise identical."""
+    time keep the unfused weights alive as well), then load that file with optimisations off. Its arena keeps the
+    peak activations between requests (freed without an arena, glibc keeps about twice as much). The optimised
+    graph is the one the local executor runs, so outputs stay bitwise identical."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="edgesplit-stage-") as tmp:
@@ -108,7 +150,6 @@ def _lean_session(model: bytes, threads: int) -> Any:
         _trim()
         lean = session_options(threads)
         lean.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        lean.enable_cpu_mem_arena = False  # the arena keeps peak activations for ever; an edge device cannot
         session = ort.InferenceSession(str(optimised), lean, providers=["CPUExecutionProvider"])
     _trim()
     return session
@@ -149,6 +190,7 @@ class RayExecutor:
         self.rejoin_interval = rejoin_interval
         self.threads = threads
         self.started_ray = raycluster.connect(plan.cluster, plan.devices, address, connect_timeout)
+        self.cpus = raycluster.local_cpus(plan.cluster, plan.devices) if threads is None else {}
         self.down: dict[str, str] = {}  # device -> why ("died" | "silent")
         self.listeners: list[Callable[[Event], None]] = []
         self._probes: dict[str, ray.ObjectRef] = {}
@@ -167,7 +209,7 @@ class RayExecutor:
     def _spawn(self, device: str) -> Any:
         threads = self.threads or self.plan.cluster.device(device).cores
         pinned = DeviceWorker.options(resources={raycluster.resource(device): 0.001})
-        return pinned.remote(device, self._models[device], threads)
+        return pinned.remote(device, self._models[device], threads, self.cpus.get(device, ()))
 
     def _wait_ready(self, timeout: float) -> None:
         refs = {d: a.ping.remote() for d, a in self.actors.items()}
@@ -254,7 +296,7 @@ class RayExecutor:
 
     # ---- compiled graph for the steady state (all devices up) ----
 
-    def compiled_for(self, route: Route, arrays: Mapping[str, np.ndarray]) -> Any:
+    def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]]) -> Any:
         if self.chosen != "compiled" or self.down or route.fills or route.sources:
             return None
         if self._compiled is None:
@@ -265,9 +307,14 @@ class RayExecutor:
             self._compiled = self._compile(route, arrays)
         return self._compiled
 
-    def _compile(self, route: Route, arrays: Mapping[str, np.ndarray]) -> Any:
+    def _compile(self, route: Route, arrays: Mapping[str, list[np.ndarray]]) -> Any:
         from ray.dag import InputNode, MultiOutputNode
 
+        without = [spec.name for spec in route.stages if not spec.inputs]
+        if without:  # nothing in the graph would tell them how many requests a chunk holds
+            self.compile_error = f"stages without inputs {without} run on ordinary actor calls"
+            self._compile_after = time.monotonic() + COMPILE_COOLDOWN
+            return None
         with InputNode() as inp:
             nodes: dict[str, Any] = {t: inp[i] for i, t in enumerate(self.router.inputs)}
             for spec in route.stages:
@@ -278,8 +325,9 @@ class RayExecutor:
             dag = MultiOutputNode([nodes[t] for t in self.router.outputs])
         try:
             compiled = dag.experimental_compile(_max_inflight_executions=MAX_IN_FLIGHT)
-            # the first execution sets the channels up (seconds); keep that out of any request's deadline
-            ray.get(compiled.execute(*(arrays[t] for t in self.router.inputs)), timeout=WARMUP_TIMEOUT)
+            # the first execution (one request) sets the channels up (seconds); keep that out of any deadline
+            first = {t: values[:1] for t, values in arrays.items()}
+            ray.get(compiled.execute(*(first[t] for t in self.router.inputs)), timeout=WARMUP_TIMEOUT)
             return compiled
         except Exception as exc:  # noqa: BLE001 - any compile failure falls back to ordinary actor calls
             self.compile_error = f"cannot build a Ray Compiled Graph for this plan: {_first_line(exc)}"
@@ -290,17 +338,19 @@ class RayExecutor:
     def compiled_graph_active(self) -> bool:
         return self._compiled is not None
 
-    def calibrate(self, inputs: Mapping[str, object], burst: int = 12, rounds: int = 2) -> dict[str, float]:
-        """Requests per second of short pipelined bursts on each dataplane (best of `rounds`, alternating); the
-        faster one is kept.
+    def calibrate(self, inputs: Mapping[str, object], burst: int = 12, rounds: int = 2, chunk: int = 1,
+                  max_in_flight: int | None = None) -> dict[str, float]:
+        """Requests per second of short pipelined bursts (at least 3 chunks) on each dataplane (best of `rounds`,
+        alternating); the faster one is kept.
 
         Compiled Graphs cut the per-hop cost several times but their channel readers poll: on a device with few
         cores that polling takes CPU from the stages, so which one wins depends on the plan and the devices."""
         rates = {"tasks": 0.0, "compiled": 0.0}
+        burst = max(burst, 3 * chunk)
         for _ in range(rounds):
             for plane in rates:
                 self.chosen = plane
-                session = Session(self, burst, listen=False)
+                session = Session(self, max_in_flight or burst, listen=False, chunk=chunk)
                 list(session.stream([inputs] * 2))
                 if plane == "compiled" and self._compiled is None:
                     continue  # no compiled graph for this plan
@@ -326,8 +376,8 @@ class RayExecutor:
 
     # ---- running ----
 
-    def session(self, max_in_flight: int | None = None) -> Session:
-        return Session(self, max_in_flight)
+    def session(self, max_in_flight: int | None = None, chunk: int = 1) -> Session:
+        return Session(self, max_in_flight, chunk=chunk)
 
     def run(self, inputs: Mapping[str, object]) -> RunResult:
         self._default = self._default or self.session(1)
@@ -358,24 +408,38 @@ class RayExecutor:
 
 
 @dataclass(eq=False)
-class _Request:
-    id: int
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+class _Chunk:
+    """Consecutive requests sent through the devices together: one actor call per stage carries them all."""
+
+    ids: list[int]
+    arrays: list[dict[str, np.ndarray]] = field(default_factory=list)
     route: Route | None = None
     refs: dict[str, list[Any]] = field(default_factory=dict)  # stage -> output refs
     outputs: list[Any] = field(default_factory=list)
     compiled: Any = None  # a CompiledDAGRef when sent through the compiled graph, until it is read
     via_compiled: bool = False
-    error: EdgesplitError | None = None
+    error: EdgesplitError | None = None  # the answer to every request of the chunk
     head_since: float | None = None
+
+    def inputs(self, names: Iterable[str]) -> dict[str, list[np.ndarray]]:
+        return {t: [a[t] for a in self.arrays] for t in names}
 
 
 class Session:
-    """Requests in flight on a RayExecutor, answered in order; `report()` counts full / degraded / failed."""
+    """Requests in flight on a RayExecutor, answered in order; `report()` counts full / degraded / failed.
 
-    def __init__(self, executor: RayExecutor, max_in_flight: int | None = None, listen: bool = True) -> None:
+    `chunk` > 1 sends up to that many consecutive requests through each device in one call, which divides Ray's
+    per-call cost (about a millisecond of CPU on the driver, the raylet and the device) by the chunk; a device
+    still runs them one at a time, so results are unchanged. At most `max_in_flight` chunks are in flight, and
+    the deadline covers each request of a chunk: a chunk of n has n times the deadline."""
+
+    def __init__(self, executor: RayExecutor, max_in_flight: int | None = None, listen: bool = True,
+                 chunk: int = 1) -> None:
+        if chunk < 1:
+            raise EdgesplitError(f"expected a chunk of at least 1 request, got {chunk}")
         self.ex = executor
         self.max_in_flight = min(max_in_flight or max(4, 2 * len(executor.router.specs)), MAX_IN_FLIGHT)
+        self.chunk = chunk
         self.tally = Tally()
         self._ids = itertools.count()
         if listen:
@@ -398,37 +462,55 @@ class Session:
                 return
             source = itertools.chain([first], source)
             try:
-                self.ex.calibrate(check_inputs(self.ex.plan.inputs, first))
+                self.ex.calibrate(check_inputs(self.ex.plan.inputs, first), chunk=self.chunk,
+                                  max_in_flight=self.max_in_flight)
             except InputError:
                 pass  # that request will get its error in turn; calibrate on a later stream
-        queue: deque[_Request] = deque()
+        queue: deque[_Chunk] = deque()
+        pending: deque[Mapping[str, object]] = deque()
         more = True
         while True:
             while more and len(queue) < self.max_in_flight:
-                item = next(source, None)
-                if item is None:
-                    more = False
-                else:
-                    queue.append(self._submit(item))
+                while len(pending) < self.chunk:
+                    item = next(source, None)
+                    if item is None:
+                        more = False
+                        break
+                    pending.append(item)
+                queue.extend(self._submit(pending))
             if not queue:
                 return
-            answer = self._collect(queue)
+            answers = self._collect(queue)
             queue.popleft()
-            if raise_errors and isinstance(answer, EdgesplitError):
-                raise answer
-            yield answer
+            for answer in answers:
+                if raise_errors and isinstance(answer, EdgesplitError):
+                    raise answer
+                yield answer
 
-    def _submit(self, inputs: Mapping[str, object]) -> _Request:
-        req = _Request(next(self._ids))
-        try:
-            req.arrays = check_inputs(self.ex.plan.inputs, inputs)
-        except InputError as exc:
-            req.error = exc
-            return req
-        self._dispatch(req)
-        return req
+    def _submit(self, pending: deque[Mapping[str, object]]) -> list[_Chunk]:
+        """Chunks of the pending requests, in order; a request with bad inputs is a chunk of its own, answered
+        with its error."""
+        chunks: list[_Chunk] = []
+        valid: _Chunk | None = None
+        while pending:
+            req_id = next(self._ids)
+            try:
+                arrays = check_inputs(self.ex.plan.inputs, pending.popleft())
+            except InputError as exc:
+                chunks.append(_Chunk([req_id], error=exc))
+                valid = None
+                continue
+            if valid is None:
+                valid = _Chunk([])
+                chunks.append(valid)
+            valid.ids.append(req_id)
+            valid.arrays.append(arrays)
+        for c in chunks:
+            if c.error is None:
+                self._dispatch(c)
+        return chunks
 
-    def _dispatch(self, req: _Request) -> None:
+    def _dispatch(self, req: _Chunk) -> None:
         ex = self.ex
         ex.probe()
         req.refs, req.outputs, req.compiled, req.via_compiled = {}, [], None, False
@@ -437,39 +519,44 @@ class Session:
         except DeviceFailedError as exc:
             req.error = exc
             return
-        dag = ex.compiled_for(route, req.arrays)
+        size = len(req.arrays)
+        inputs = req.inputs(ex.router.inputs)
+        dag = ex.compiled_for(route, inputs)
         if dag is not None:
             try:
-                req.compiled = dag.execute(*(req.arrays[t] for t in ex.router.inputs))
+                req.compiled = dag.execute(*(inputs[t] for t in ex.router.inputs))
                 req.via_compiled = True
                 return
             except RayError:  # the graph broke since the last request (an actor died): find out who, go on without
                 self._lose(req, deque(), ex.check(route.devices), rerun_compiled=True)
                 req.head_since = None
                 return self._dispatch(req)
-        dims = ex.router.dims(req.arrays)
-        values: dict[str, Any] = dict(req.arrays)
+        dims = [ex.router.dims(a) for a in req.arrays]
+        values: dict[str, Any] = dict(inputs)
         for spec in route.stages:
-            args = [route.fills[t].resolved(dims) if t in route.fills else values[route.source(t)] for t in spec.inputs]
+            args = [[route.fills[t].resolved(d) for d in dims] if t in route.fills else values[route.source(t)]
+                    for t in spec.inputs]
             k = len(spec.outputs)
-            out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args)
+            out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args, size=size)
             req.refs[spec.name] = [out] if k == 1 else list(out)
             values.update(zip(spec.outputs, req.refs[spec.name]))
         outputs = [values[t] for t in ex.router.outputs]
         req.outputs = [v if isinstance(v, ray.ObjectRef) else ray.put(v) for v in outputs]
 
-    def _collect(self, queue: deque[_Request]) -> RunResult | EdgesplitError:
+    def _collect(self, queue: deque[_Chunk]) -> list[RunResult | EdgesplitError]:
         req = queue[0]
         while True:
             if req.error is not None:
-                self.tally.failed += 1
+                self.tally.failed += len(req.ids)
                 device, stage = getattr(req.error, "device", ""), getattr(req.error, "stage", "")
-                self.tally.event(RequestFailed(req.id, device, stage, str(req.error)))
-                return req.error
+                for i in req.ids:
+                    self.tally.event(RequestFailed(i, device, stage, str(req.error)))
+                return [req.error] * len(req.ids)
             if req.head_since is None:
                 req.head_since = time.monotonic()
             self.ex.probe()
-            left = max(0.0, req.head_since + self.ex.deadline - time.monotonic())
+            deadline = self.ex.deadline * len(req.ids)
+            left = max(0.0, req.head_since + deadline - time.monotonic())
             try:
                 values = self._wait(req, left)
             except RayError as exc:
@@ -477,17 +564,23 @@ class Session:
                 continue
             if values is not None:
                 assert req.route is not None
-                result = RunResult(dict(zip(self.ex.router.outputs, values)), req.route.missing_devices)
-                self.tally.answered(result.degraded)
-                return result
-            if time.monotonic() >= req.head_since + self.ex.deadline:
+                answers: list[RunResult | EdgesplitError] = []
+                for i in range(len(req.ids)):
+                    result = RunResult({t: v[i] for t, v in zip(self.ex.router.outputs, values)},
+                                       req.route.missing_devices)
+                    self.tally.answered(result.degraded)
+                    answers.append(result)
+                return answers
+            if time.monotonic() >= req.head_since + deadline:
                 self._on_deadline(req, queue)
 
-    def _wait(self, req: _Request, left: float) -> list[np.ndarray] | None:
+    def _wait(self, req: _Chunk, left: float) -> list[list[np.ndarray]] | None:
         if req.compiled is not None:
             ref, req.compiled = req.compiled, None  # a CompiledDAGRef can be read only once
             try:
-                return list(ray.get(ref, timeout=left))
+                # the arrays read are views of the graph's output buffers, which stay taken while a view lives:
+                # an answer kept by the caller would stall the graph once every buffer is held
+                return [[np.array(a, copy=True) for a in values] for values in ray.get(ref, timeout=left)]
             except (RayChannelTimeoutError, GetTimeoutError) as exc:
                 raise _CompiledLate(str(exc)) from None
         step = min(left, self.ex.rejoin_interval) if self.ex.down and self.ex.rejoin_interval else left
@@ -496,7 +589,7 @@ class Session:
             return None
         return ray.get(req.outputs)
 
-    def _on_error(self, req: _Request, queue: deque[_Request], exc: RayError) -> None:
+    def _on_error(self, req: _Chunk, queue: deque[_Chunk], exc: RayError) -> None:
         assert req.route is not None
         compiled = req.via_compiled
         lost = self.ex.check(req.route.devices)
@@ -504,11 +597,11 @@ class Session:
             pass  # every device answers: retry on actor calls, which can tell which stage stalls or fails
         elif not lost and not _is_channel_error(exc):
             device, stage = self._failed_stage(req)
-            req.error = StageError(device, stage, req.id, _first_line(exc))
+            req.error = StageError(device, stage, req.ids[0], _first_line(exc))
             return
         self._lose(req, queue, lost, rerun_compiled=compiled)
 
-    def _on_deadline(self, req: _Request, queue: deque[_Request]) -> None:
+    def _on_deadline(self, req: _Chunk, queue: deque[_Chunk]) -> None:
         assert req.route is not None
         lost = self.ex.check(req.route.devices)
         if not lost:
@@ -517,10 +610,10 @@ class Session:
                 lost = {stalled: "silent"}  # answers pings, but its stage did not finish within the deadline
         self._lose(req, queue, lost, rerun_compiled=False)
 
-    def _lose(self, req: _Request, queue: deque[_Request], lost: Mapping[str, str], rerun_compiled: bool) -> None:
+    def _lose(self, req: _Chunk, queue: deque[_Chunk], lost: Mapping[str, str], rerun_compiled: bool) -> None:
         for device, reason in lost.items():
             stage = next((s.name for s in req.route.stages if s.device == device), "") if req.route else ""
-            self.ex.mark_down(device, reason, stage, req.id)
+            self.ex.mark_down(device, reason, stage, req.ids[0])
         if rerun_compiled:
             self.ex.drop_compiled()
         for r in queue:
@@ -529,7 +622,7 @@ class Session:
                 self._dispatch(r)
         req.head_since = time.monotonic()
 
-    def _stalled_stage(self, req: _Request) -> str | None:
+    def _stalled_stage(self, req: _Chunk) -> str | None:
         assert req.route is not None
         for spec in req.route.stages:
             refs = req.refs.get(spec.name, [])
@@ -537,7 +630,7 @@ class Session:
                 return spec.device
         return None
 
-    def _failed_stage(self, req: _Request) -> tuple[str, str]:
+    def _failed_stage(self, req: _Chunk) -> tuple[str, str]:
         assert req.route is not None
         for spec in req.route.stages:
             try:

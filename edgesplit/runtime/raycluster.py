@@ -6,6 +6,7 @@ Convention shared with `edgesplit device join`: a node that hosts device NAME ad
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from edgesplit.devices import RESOURCE_PREFIX as RESOURCE
 from edgesplit.devices import probe, require_token_auth, resource
 from edgesplit.errors import ClusterError
 
-__all__ = ["Host", "check_devices", "connect", "hosts", "probe_head", "resource"]
+__all__ = ["Host", "check_devices", "connect", "hosts", "local_cpus", "probe_head", "resource"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,22 @@ def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None
             started = True
     check_devices(hosts(ray.nodes()), devices)
     return started
+
+
+def local_cpus(cluster: Cluster, devices: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Devices simulated on this machine (all hosted by the driver's node) get disjoint CPU sets of their core
+    counts, so that a 1-core device has one core, not a share of all of them; {} when the devices are elsewhere or
+    need more cores than this machine has."""
+    import ray
+
+    devices = list(devices)
+    here = ray.get_runtime_context().get_node_id()[:12]
+    found = hosts(ray.nodes())
+    if any(h.node_id != here for d in devices for h in found.get(d, [])):
+        return {}
+    free = sorted(os.sched_getaffinity(0))
+    cores = [cluster.device(d).cores for d in devices]
+    if sum(cores) > len(free):
+        return {}
+    starts = [sum(cores[:i]) for i in range(len(cores))]
+    return {d: tuple(free[s:s + n]) for d, s, n in zip(devices, starts, cores)}

@@ -66,7 +66,8 @@ def stream_local(plan: Plan, requests: list[dict[str, np.ndarray]], tally: Tally
 
 def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Console, backend: str = "local",
                address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
-               deadline: float = 30.0, dataplane: str = "auto") -> tuple[list[RunResult | EdgesplitError], RunReport]:
+               deadline: float = 30.0, dataplane: str = "auto",
+               chunk: int = 1) -> tuple[list[RunResult | EdgesplitError], RunReport]:
     """Answers in request order and the run's report; a progress bar while it runs."""
     answers: list[RunResult | EdgesplitError] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -78,7 +79,7 @@ def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Conso
 
             with RayExecutor(plan, address=address, threads=threads, allow_degraded=allow_degraded,
                              deadline=deadline, dataplane=dataplane) as ex:
-                session = ex.session()
+                session = ex.session(chunk=chunk)
                 tally = session.tally
                 for answer in session.stream(requests):
                     answers.append(answer)
