@@ -390,8 +390,8 @@ class RayExecutor:
         return dict(zip(refs, ray.get(list(refs.values()), timeout=self.ping_timeout * 5)))
 
     def close(self) -> None:
-        if self._compiled is not None:
-            _quiet_teardown(self._compiled)
+        if self._compiled is not None:  # the actors go too: a loop stuck on a channel must not hold the close up
+            _quiet_teardown(self._compiled, kill_actors=True)
             self._compiled = None
         for actor in getattr(self, "actors", {}).values():
             ray.kill(actor)
@@ -650,9 +650,9 @@ def _is_channel_error(exc: BaseException) -> bool:
     return isinstance(exc, RayChannelError)
 
 
-def _quiet_teardown(dag: Any) -> None:
+def _quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
     try:
-        dag.teardown()
+        dag.teardown(kill_actors=kill_actors)
     except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; nothing is left to free
         pass
 
