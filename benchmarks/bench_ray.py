@@ -147,7 +147,9 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
                 assert all(not isinstance(a, Exception) for a in answers)
             whole_rates += paired
             after = ex.stats()
-            blanks = {d: DeviceWorker.options(resources={raycluster.resource(d): 0.001}).remote(d, [], 1) for d in after}
+            blanks = {d: DeviceWorker.options(resources={raycluster.resource(d): 0.001}).remote(
+                d, [], 1, ex.cpus.get(d, ())) for d in after}
+            _same_traffic(plan, blanks, requests)
             blank = dict(zip(blanks, ray.get([b.stats.remote() for b in blanks.values()])))
             for b in blanks.values():
                 ray.kill(b)
@@ -254,9 +256,29 @@ def _time_balanced(graph, cluster: Cluster):
     return best or partition(graph, cluster)
 
 
+def _echo(worker, sizes: list[int], *received: np.ndarray) -> list[np.ndarray]:
+    return [np.zeros(n, np.uint8) for n in sizes]
+
+
+def _same_traffic(plan, blanks: dict, n: int) -> None:
+    """Each idle actor receives and returns, n times with 4 in flight, as many bytes as its device's stages do,
+    so that Ray's own buffers for that traffic count in the baseline rather than in the model's share."""
+    for device, actor in blanks.items():
+        stages = {s.name for s in plan.device_stages(device)}
+        sent = [np.zeros(t.nbytes, np.uint8) for t in plan.transfers if t.cross_device and t.dst in stages]
+        returned = {t.tensor: t.nbytes for t in plan.transfers if t.cross_device and t.src in stages}
+        sizes = list(returned.values())
+        pending = []
+        for _ in range(n):
+            pending.append(actor.__ray_call__.remote(_echo, sizes, *sent))
+            if len(pending) >= 4:
+                ray.get(pending.pop(0))
+        ray.get(pending)
+
+
 def _memory(plan, graph, stats: dict, blank: dict) -> list[dict]:
-    """Model share: unique memory of the device's actor minus that of an idle actor with no stages (same imports,
-    same onnxruntime start). Ray's worker and onnxruntime's fixed start-up cost are the idle actor's, apart."""
+    """Model share: unique memory of the device's actor minus that of an actor with no stages (same imports, same
+    onnxruntime start, same traffic). Ray's worker and onnxruntime's fixed start-up cost are that actor's, apart."""
     rows = []
     for device, st in stats.items():
         stages = plan.device_stages(device)
