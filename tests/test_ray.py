@@ -60,6 +60,16 @@ def stall(ex, device: str, seconds: float) -> None:
     ex.actors[device].__ray_call__.remote(lambda self: time.sleep(seconds))
 
 
+def answers_meanwhile(stream, faults: dict) -> list:
+    """Every answer of a stream; faults[i]() is injected right after answer i arrives."""
+    answers = []
+    for i, answer in enumerate(stream):
+        answers.append(answer)
+        if i in faults:
+            faults[i]()
+    return answers
+
+
 @pytest.fixture(scope="module")
 def vertical(zoo_graphs):
     graph = zoo_graphs["resnet"]
@@ -179,13 +189,9 @@ def test_chunked_stream_survives_a_kill_and_a_silent_device(ray_instance, plans)
     local = LocalExecutor(plan, threads=1)
     with executor(plan, dataplane="tasks", deadline=1.0, rejoin_interval=None) as ex:
         session = ex.session(3, chunk=4)
-        answers = []
-        for i, answer in enumerate(session.stream(requests)):
-            answers.append(answer)
-            if i == 5:
-                kill(ex, "dev1")  # part A: its replica on dev3 takes over
-            if i == 9:
-                stall(ex, "dev3", 10.0)  # the replica falls silent as well: no part A left, no degraded answers
+        answers = answers_meanwhile(session.stream(requests), {
+            5: lambda: kill(ex, "dev1"),  # part A: its replica on dev3 takes over
+            9: lambda: stall(ex, "dev3", 10.0)})  # the replica falls silent too: no part A left, no degraded answers
         report = session.report()
     assert len(answers) == 24
     for answer, x in zip(answers[:10], requests):
@@ -217,11 +223,7 @@ def test_dead_part_with_replica_mid_stream_answers_everything_in_full(ray_instan
     local = LocalExecutor(plan, threads=1)
     with executor(plan, dataplane="tasks", rejoin_interval=None) as ex:
         session = ex.session(6)
-        answers = []
-        for i, answer in enumerate(session.stream(requests)):
-            answers.append(answer)
-            if i == 5:
-                kill(ex, "dev1")
+        answers = answers_meanwhile(session.stream(requests), {5: lambda: kill(ex, "dev1")})
         report = session.report()
     assert len(answers) == len(requests) and all(isinstance(a, RunResult) and not a.degraded for a in answers)
     for answer, x in zip(answers, requests):
@@ -281,11 +283,7 @@ def test_dead_device_without_fallback_answers_every_request_with_an_error(ray_in
     dead = plan.stages[-1].device
     with executor(plan, dataplane="tasks", rejoin_interval=None) as ex:
         session = ex.session(8)
-        answers = []
-        for i, answer in enumerate(session.stream(_requests(plan, 20))):
-            answers.append(answer)
-            if i == 3:
-                kill(ex, dead)
+        answers = answers_meanwhile(session.stream(_requests(plan, 20)), {3: lambda: kill(ex, dead)})
         report = session.report()
     assert len(answers) == 20 and all(isinstance(a, RunResult) for a in answers[:4])
     errors = [a for a in answers if not isinstance(a, RunResult)]
@@ -317,11 +315,7 @@ def test_compiled_graph_survives_a_kill_and_recovers_on_actor_calls(ray_instance
     reference = LocalExecutor(plan, threads=1)
     with executor(plan, dataplane="compiled", rejoin_interval=None) as ex:
         session = ex.session(4)
-        answers = []
-        for i, answer in enumerate(session.stream(requests)):
-            answers.append(answer)
-            if i == 2:
-                kill(ex, "dev1")
+        answers = answers_meanwhile(session.stream(requests), {2: lambda: kill(ex, "dev1")})
     assert len(answers) == 16
     for answer, x in zip(answers, requests):
         _same(answer, reference.run(x))

@@ -115,7 +115,7 @@ def _pin(cpus: tuple[int, ...]) -> None:
 
 
 def _start_onnxruntime(threads: int) -> None:
-    """Initialise onnxruntime's process-wide state (environment, kernel registries: about 9 MiB whatever the model)
+    """Initialise onnxruntime's process-wide state (environment, kernel registries: the same whatever the model)
     with a one-node session, so that a device's memory splits into Ray's worker, this fixed runtime cost, and its
     stages' share."""
     import onnxruntime as ort
@@ -134,7 +134,7 @@ def _start_onnxruntime(threads: int) -> None:
 def _lean_session(model: bytes, threads: int) -> Any:
     """An onnxruntime session holding about its parameters once: optimise once into a file (fusions made at load
     time keep the unfused weights alive as well), then load that file with optimisations off. Its arena keeps the
-    peak activations between requests (freed without an arena, glibc keeps about twice as much). The optimised
+    peak activations between requests (freed without an arena, glibc keeps more than that). The optimised
     graph is the one the local executor runs, so outputs stay bitwise identical."""
     import onnxruntime as ort
 
@@ -429,7 +429,7 @@ class Session:
     """Requests in flight on a RayExecutor, answered in order; `report()` counts full / degraded / failed.
 
     `chunk` > 1 sends up to that many consecutive requests through each device in one call, which divides Ray's
-    per-call cost (about a millisecond of CPU on the driver, the raylet and the device) by the chunk; a device
+    per-call cost (bench_ray's per-hop overhead) by the chunk; a device
     still runs them one at a time, so results are unchanged. At most `max_in_flight` chunks are in flight, and
     the deadline covers each request of a chunk: a chunk of n has n times the deadline."""
 
@@ -531,7 +531,7 @@ class Session:
                 self._lose(req, deque(), ex.check(route.devices), rerun_compiled=True)
                 req.head_since = None
                 return self._dispatch(req)
-        dims = [ex.router.dims(a) for a in req.arrays]
+        dims = [ex.router.dims(a) for a in req.arrays] if route.fills else []
         values: dict[str, Any] = dict(inputs)
         for spec in route.stages:
             args = [[route.fills[t].resolved(d) for d in dims] if t in route.fills else values[route.source(t)]
