@@ -59,11 +59,16 @@ def smollm2(cache):
 
 
 @pytest.fixture(scope="session")
-def smollm2_split(smollm2, tmp_path_factory):
+def smollm2_plan_dir(smollm2, tmp_path_factory):
     """SmolLM2 with a KV cache on 2 devices, saved so the CLI can read it (the tokenizer sits next to the model)."""
-    plan = tz.vertical_plan(smollm2.path, 2)
-    plan.save(tmp_path_factory.mktemp("plans") / "smollm2-2")
-    return plan
+    directory = tmp_path_factory.mktemp("plans") / "smollm2-2"
+    tz.vertical_plan(smollm2.path, 2).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_split(smollm2_plan_dir):
+    return Plan.load(smollm2_plan_dir)
 
 
 def test_word_tokenizer_round_trips(word_tokenizer):
@@ -160,9 +165,8 @@ def test_smollm2_split_generation_matches_unsplit_and_transformers(cache, smollm
 
 
 @pytest.mark.slow
-def test_smollm2_generate_cli(smollm2_split, tmp_path):
-    plan_dir = next(p for p in (tmp_path.parent.parent).rglob("smollm2-2") if (p / "plan.json").is_file())
-    result = CliRunner().invoke(main, ["generate", str(plan_dir), "--prompt", PROMPT, "--max-new-tokens", "4"])
+def test_smollm2_generate_cli(smollm2_plan_dir):
+    result = CliRunner().invoke(main, ["generate", str(smollm2_plan_dir), "--prompt", PROMPT, "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert "Once upon a time" in result.output and " there was a" in result.output
     assert "tokens/s" in result.output and "prefill" in result.output and "decode" in result.output
