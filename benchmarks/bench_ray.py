@@ -10,7 +10,6 @@ Ray's overhead), bytes sent per inference vs plan.json, time from killing a devi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -18,10 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import ray
-from onnx import TensorProto, helper, numpy_helper
 
 import edgesplit
 from edgesplit.bench import zoo
@@ -172,36 +169,7 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
     return rows, info, memory_rows, bytes_rows
 
 
-def _whole_rate(model: str, n: int, out) -> None:
-    session = _whole(Path(model))
-    x = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal(
-        [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape]).astype(np.float32)}
-    session.run(None, x)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        session.run(None, x)
-    out.put(n / (time.perf_counter() - t0))
-
-
-def parallel_ceiling(model: Path, n: int) -> float:
-    """Two independent 1-thread processes on the whole model, total rate over one alone: what 2 devices on this
-    machine can give at best (1.0 when the cores are not really free)."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    rates = {}
-    for k in (1, 2):
-        out = ctx.Queue()
-        procs = [ctx.Process(target=_whole_rate, args=(str(model), n, out)) for _ in range(k)]
-        for p in procs:
-            p.start()
-        rates[k] = sum(out.get() for _ in procs)
-        for p in procs:
-            p.join()
-    return rates[2] / rates[1]
-
-
-def _stage_rate(model: bytes, feeds: dict, outputs: list, cpu: int, n: int, barrier, out) -> None:
+def _pinned_rate(model: bytes, feeds: dict, outputs: list, cpu: int, n: int, barrier, out) -> None:
     os.sched_setaffinity(0, {cpu})
     session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
     session.run(outputs, feeds)
@@ -209,34 +177,50 @@ def _stage_rate(model: bytes, feeds: dict, outputs: list, cpu: int, n: int, barr
     t0 = time.perf_counter()
     for _ in range(n):
         session.run(outputs, feeds)
-    out.put((cpu, n / (time.perf_counter() - t0)))
+    out.put(n / (time.perf_counter() - t0))
+
+
+def concurrent_rates(jobs: list[tuple[bytes, dict, list]], n: int) -> list[float] | None:
+    """Requests per second of each (model, feeds, outputs) job while all run at once, each in its own process
+    pinned to its own core, without Ray (None without a core per job)."""
+    import multiprocessing as mp
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(jobs) > len(cpus):
+        return None
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(len(jobs)), ctx.Queue()
+    procs = [ctx.Process(target=_pinned_rate, args=(*job, cpu, n, barrier, out)) for cpu, job in zip(cpus, jobs)]
+    for p in procs:
+        p.start()
+    rates = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return rates
+
+
+def parallel_ceiling(model: Path, n: int) -> float:
+    """Two 1-thread processes on the whole model, each on its own core, total rate over one alone: what 2 devices
+    on this machine can give at best (1.0 when the cores are not really free)."""
+    session = _whole(model)
+    first = session.get_inputs()[0]
+    x = {first.name: np.random.default_rng(0).standard_normal(
+        [d if isinstance(d, int) else 1 for d in first.shape]).astype(np.float32)}
+    job = (model.read_bytes(), x, [o.name for o in session.get_outputs()])
+    one, two = concurrent_rates([job], n), concurrent_rates([job, job], n)
+    return sum(two) / one[0] if one and two else 1.0
 
 
 def concurrent_bound(plan, x: dict, n: int) -> float | None:
     """Requests per second of the slowest stage while every stage runs at once, each in its own process on its own
     core, without Ray: the pipeline's bound with the cores really shared (None without a core per stage)."""
-    import multiprocessing as mp
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(plan.stages) > len(cpus):
-        return None
     values = dict(x)
     for stage in plan.stages:  # a vertical plan's stages in order: every stage's inputs, once
         session = ort.InferenceSession(plan.stage_models[stage.name], providers=["CPUExecutionProvider"])
         values.update(zip(stage.outputs, session.run(list(stage.outputs), {t: values[t] for t in stage.inputs})))
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(len(plan.stages)), ctx.Queue()
-    procs = []
-    for cpu, stage in zip(cpus, plan.stages):
-        feeds = {t: values[t] for t in stage.inputs}
-        procs.append(ctx.Process(target=_stage_rate, args=(plan.stage_models[stage.name], feeds, list(stage.outputs),
-                                                            cpu, n, barrier, out)))
-    for p in procs:
-        p.start()
-    rates = [out.get()[1] for _ in procs]
-    for p in procs:
-        p.join()
-    return min(rates)
+    rates = concurrent_rates([(plan.stage_models[s.name], {t: values[t] for t in s.inputs}, list(s.outputs))
+                              for s in plan.stages], n)
+    return min(rates) if rates else None
 
 
 def _time_balanced(graph, cluster: Cluster):
@@ -317,38 +301,11 @@ def _bytes(plan, before: dict, after: dict, n: int) -> list[dict]:
              "measured_per_inference": feed / n}]
 
 
-def _replicated_model(channels: int = 32, size: int = 64) -> onnx.ModelProto:
-    """x -> Conv -> [Conv A | Conv B | replica of A] -> Concat -> head; A on dev1, B on dev2, A's replica on dev3."""
-    rng = np.random.default_rng(0)
-    w = lambda *s: (rng.standard_normal(s) * 0.1).astype(np.float32)  # noqa: E731
-    inits = [numpy_helper.from_array(a, n) for a, n in [(w(channels, 3, 3, 3), "w0"), (w(channels, channels, 3, 3), "wa"),
-                                                        (w(channels, channels, 3, 3), "wb"), (w(10, 2 * channels), "wf")]]
-    conv = dict(pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["h"], name="stem", **conv),
-             helper.make_node("Conv", ["h", "wa"], ["a"], name="part_a", **conv),
-             helper.make_node("Conv", ["h", "wb"], ["b"], name="part_b", **conv),
-             helper.make_node("Conv", ["h", "wa"], ["a_r"], name="part_a_r", **conv),
-             helper.make_node("Concat", ["a", "b"], ["c"], name="combine", axis=1),
-             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-             helper.make_node("MatMul", ["f", "wf"], ["y"], name="fc")]
-    inits[-1] = numpy_helper.from_array(w(2 * channels, 10), "wf")
-    graph = helper.make_graph(nodes, "replicated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    regions = [{"name": "conv", "kind": "lop", "layers": ["conv"], "combine": "combine", "fill": "zeros",
-                "parts": [{"nodes": ["part_a"], "output": "a", "device": "dev1", "share": 0.5,
-                           "replicas": [{"device": "dev3", "nodes": ["part_a_r"], "output": "a_r"}]},
-                          {"nodes": ["part_b"], "output": "b", "device": "dev2", "share": 0.5, "replicas": []}]}]
-    helper.set_model_props(model, {"edgesplit.regions": json.dumps(regions)})
-    return model
-
-
 def failover(kills: int, requests: int) -> list[dict]:
     """Kill the device of part A mid-stream (its replica lives): time from the kill to the next answer."""
-    graph = edgesplit.load(_replicated_model())
-    mapping = {"dev0": ["stem", "combine", "gap", "flatten", "fc"], "dev1": ["part_a"], "dev2": ["part_b"],
-               "dev3": ["part_a_r"]}
+    graph = edgesplit.load(zoo.replicated_conv(channels=32, size=64, batch=1))
+    mapping = {"dev0": ["stem_conv", "stem_relu", "concat1", "relu2", "gap", "flatten", "fc"], "dev1": ["conv1_a"],
+               "dev2": ["conv1_b"], "dev3": ["conv1_a_r"]}
     plan = partition(graph, Cluster.simulated(4), mapping)
     xs = [random_inputs(plan.inputs, seed=i) for i in range(requests)]
     rows = []

@@ -1,19 +1,18 @@
 """Failure-set semantics (edgesplit.runtime.failures) through the local executor, the fast reference.
 
-A hand-built horizontal model: a Conv split into two output-channel parts A and B + Concat, with a replica of A,
-recorded in `edgesplit.regions`. test_ray.py imports the builders below.
+A hand-built horizontal model (`zoo.replicated_conv`): a Conv split into two output-channel parts A and B + Concat,
+with a replica of A, recorded in `edgesplit.regions`. test_ray.py imports the plans below.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
 import edgesplit
+from edgesplit.bench import zoo
 from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError, PlanError
 from edgesplit.pipeline import partition
@@ -29,44 +28,8 @@ HORIZONTAL = {"dev0": [*STEM, "concat1", *TAIL], "dev1": ["conv1_a"], "dev2": ["
 HYBRID = {"dev0": [*STEM, "concat1"], "dev1": ["conv1_a"], "dev2": ["conv1_b", "conv1_a_r"], "dev3": TAIL}
 
 
-def split_conv_model(zero_b: bool = False, seed: int = 0) -> onnx.ModelProto:
-    """x -> Conv/Relu -> [Conv A (ch 0-3) | Conv B (ch 4-7)] -> Concat -> Relu/GAP/Flatten/Gemm -> y.
-
-    `zero_b` zeroes part B's weights: the model a degraded answer without B must equal exactly.
-    """
-    rng = np.random.default_rng(seed)
-    w = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.3  # noqa: E731
-    wa, ba, wb, bb = w(4, 8, 3, 3), w(4), w(4, 8, 3, 3), w(4)
-    if zero_b:
-        wb, bb = np.zeros_like(wb), np.zeros_like(bb)
-    inits = [numpy_helper.from_array(a, n) for a, n in [
-        (w(8, 3, 3, 3), "w0"), (w(8), "b0"), (wa, "wa"), (ba, "ba"), (wb, "wb"), (bb, "bb"), (w(10, 8), "wf"), (w(10), "bf")]]
-    conv = dict(pads=[1, 1, 1, 1], kernel_shape=[3, 3])
-    nodes = [
-        helper.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="stem_conv", **conv),
-        helper.make_node("Relu", ["h0"], ["h"], name="stem_relu"),
-        helper.make_node("Conv", ["h", "wa", "ba"], ["a"], name="conv1_a", **conv),
-        helper.make_node("Conv", ["h", "wb", "bb"], ["b"], name="conv1_b", **conv),
-        helper.make_node("Conv", ["h", "wa", "ba"], ["a_r"], name="conv1_a_r", **conv),
-        helper.make_node("Concat", ["a", "b"], ["c"], name="concat1", axis=1),
-        helper.make_node("Relu", ["c"], ["r"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
-        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
-        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(nodes, "split_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 10])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    regions = [{"name": "conv1", "kind": "lop", "layers": ["conv1"], "combine": "concat1", "fill": "zeros",
-                "parts": [{"nodes": ["conv1_a"], "output": "a", "device": "dev1", "share": 0.5,
-                           "replicas": [{"device": "dev3", "nodes": ["conv1_a_r"], "output": "a_r"}]},
-                          {"nodes": ["conv1_b"], "output": "b", "device": "dev2", "share": 0.5, "replicas": []}]}]
-    helper.set_model_props(model, {"edgesplit.regions": json.dumps(regions)})
-    return model
-
-
 def split_conv_plan(mapping: dict, zero_b: bool = False):
-    graph = edgesplit.load(split_conv_model(zero_b))
+    graph = edgesplit.load(zoo.replicated_conv(zero_b=zero_b))
     return partition(graph, Cluster.simulated(4), mapping), graph
 
 
@@ -82,7 +45,7 @@ def hybrid():
 
 @pytest.fixture(scope="module")
 def without_b() -> onnx.ModelProto:
-    return edgesplit.load(split_conv_model(zero_b=True)).model
+    return edgesplit.load(zoo.replicated_conv(zero_b=True)).model
 
 
 def _x(plan, batch: int = 2, seed: int = 1):
