@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import ray
 
 import edgesplit
@@ -135,12 +136,15 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
             if dataplane == "auto":
                 dataplane = f"auto (chose {ex.chosen}: " + ", ".join(f"{k} {v:.1f}/s" for k, v in ex.calibration.items()) + ")"
             before = ex.stats()
-            rates, paired = [], []
+            devices = [psutil.Process(s["pid"]) for s in before.values()]
+            rates, paired, cores = [], [], []
             for _ in range(repeats):  # alternate with the baseline so that machine noise hits both alike
                 paired.append(whole_burst())
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), _cpu_seconds(devices)
                 answers = list(session.stream(xs))
-                rates.append(requests / (time.perf_counter() - t0))
+                seconds = time.perf_counter() - t0
+                rates.append(requests / seconds)
+                cores.append([(b - a) / seconds for a, b in zip(cpu0, _cpu_seconds(devices))])
                 assert all(not isinstance(a, Exception) for a in answers)
             whole_rates += paired
             after = ex.stats()
@@ -151,8 +155,11 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
             for b in blanks.values():
                 ray.kill(b)
             rate = statistics.median(rates)
+            busy, on_devices, driver = (statistics.median(c[i] for c in cores) for i in range(3))
             rows.append({"run": "2-device vertical plan, 1 core each", "dataplane": dataplane, "chunk": chunk,
-                         "requests_per_s": rate, "speedup": rate / statistics.median(paired)})
+                         "requests_per_s": rate, "speedup": rate / statistics.median(paired),
+                         "cores_busy": busy, "cores_devices": on_devices, "cores_driver": driver,
+                         "cores_rest": busy - on_devices - driver})
             if dataplane == "tasks" and chunk == 1:
                 memory_rows = _memory(plan, graph, after, blank)
                 bytes_rows = _bytes(plan, before, after, repeats * requests)
@@ -160,13 +167,22 @@ def throughput(model: Path, graph, requests: int, repeats: int) -> tuple[list[di
     t_whole_ms = 1e3 / whole_rate
     bound = t_whole_ms / max(stage_ms.values())
     rows.insert(0, {"run": "whole model, 1 core (median over all bursts)", "dataplane": "-", "chunk": "-",
-                    "requests_per_s": whole_rate, "speedup": 1.0})
+                    "requests_per_s": whole_rate, "speedup": 1.0, "cores_busy": "-", "cores_devices": "-",
+                    "cores_driver": "-", "cores_rest": "-"})
     concurrent = [concurrent_bound(plan, xs[0], requests) for _ in range(3)]
     info = {"stage_ms": stage_ms, "whole_ms": t_whole_ms, "bound": bound, "goal": 1.7,
             "concurrent_bound": statistics.median(concurrent) / whole_rate if None not in concurrent else None,
             "parallel_ceiling": parallel_ceiling(model, requests),
             "stages": [s.name for s in plan.stages]}
     return rows, info, memory_rows, bytes_rows
+
+
+def _cpu_seconds(devices: list[psutil.Process]) -> tuple[float, float, float]:
+    """CPU seconds so far: the whole machine (busy), the device actors' processes, this driver process."""
+    t = psutil.cpu_times()
+    busy = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)  # guest is in user
+    used = lambda p: sum(p.cpu_times()[:2])  # noqa: E731  (user + system)
+    return busy, sum(used(p) for p in devices), used(psutil.Process())
 
 
 def _pinned_rate(model: bytes, feeds: dict, outputs: list, cpu: int, n: int, barrier, out) -> None:
@@ -363,7 +379,9 @@ def main() -> None:
                   f"core without Ray, the slowest gives {bound['concurrent_bound'] or float('nan'):.2f}x. "
                   f"Two independent 1-thread processes on the whole model run "
                   f"{bound['parallel_ceiling']:.2f}x the rate of one on this machine at this time: the ceiling any "
-                  f"2-device split can reach here.")
+                  f"2-device split can reach here. cores_*: CPU used during the stream, in cores (medians): the whole "
+                  f"machine (of {psutil.cpu_count()}), the two device actors' processes, the driver, and the rest "
+                  f"(Ray's raylet, GCS and other processes).")
     sections = [
         ("Per-hop overhead, 1 KiB tensor actor to actor", table(hops)),
         (f"Single-request latency, ResNet-18 {args.size}x{args.size}, loopback", table(lat)),
