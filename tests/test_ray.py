@@ -18,6 +18,7 @@ import pytest
 from edgesplit.cluster import Cluster, Device
 from edgesplit.errors import ClusterError, DeviceFailedError, EdgesplitError
 from edgesplit.pipeline import partition
+from edgesplit.plan import SOURCE
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, random_inputs
 from edgesplit.runtime.failures import DeviceLost, DeviceRejoined
@@ -146,7 +147,7 @@ def test_stream_keeps_order_with_many_in_flight_and_ships_what_the_plan_says(ray
 @pytest.mark.parametrize("dataplane", ["tasks", "compiled"])
 def test_chunked_stream_is_identical_in_order_and_a_bad_request_fails_alone(ray_instance, plans, dataplane):
     plan = plans["vertical3"]
-    requests = _requests(plan, 17)
+    requests = _requests(plan, 17, batch=32)  # chunks of 4 larger than Ray's default 1 MB channel buffer
     requests[6] = {"wrong": np.zeros(3)}
     local = LocalExecutor(plan, threads=1)
     with executor(plan, dataplane=dataplane) as ex:
@@ -156,6 +157,10 @@ def test_chunked_stream_is_identical_in_order_and_a_bad_request_fails_alone(ray_
         after = ex.stats()
         if dataplane == "compiled":
             assert ex.compiled_graph_active
+            message = 32 * max(sum(t.nbytes for t in plan.transfers if t.src == src) for src in
+                               {SOURCE, *(s.name for s in plan.stages)})
+            # every channel holds a whole chunk: buffers Ray had to grow left teardown waiting 30 s on a loop
+            assert 4 * message > 10**6 and all(after[d]["channel_bytes"] >= 4 * message for d in after)
     assert len(answers) == 17 and isinstance(answers[6], EdgesplitError) and "missing input" in str(answers[6])
     for i, (answer, x) in enumerate(zip(answers, requests)):
         if i != 6:

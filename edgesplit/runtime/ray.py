@@ -36,6 +36,7 @@ MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executio
 WARMUP_TIMEOUT = 120.0
 COMPILE_COOLDOWN = 5.0
 TEARDOWN_WAIT = 2.0
+CLOSE_TEARDOWN_WAIT = 2  # seconds; Ray's DAGContext wants an int
 COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before a compiled graph is built again
 
 
@@ -96,10 +97,19 @@ class DeviceWorker:
     def ping(self) -> str:
         return self.device
 
+    def channel_bytes(self, nbytes: int) -> None:
+        """The buffer of the compiled-graph channels this process creates (Ray sizes some from its own default)."""
+        from ray.dag import DAGContext
+
+        DAGContext.get_current().buffer_size_bytes = nbytes
+
     @ray.method(concurrency_group="health")
     def stats(self) -> dict[str, Any]:
+        from ray.dag import DAGContext
+
         mem = self.process.memory_full_info()
         return {"device": self.device, "pid": self.process.pid, "rss": mem.rss, "uss": mem.uss,
+                "channel_bytes": DAGContext.get_current().buffer_size_bytes,
                 "uss_start": self.uss_start, "uss_runtime": self.uss_runtime, "uss_loaded": self.uss_loaded,
                 "cpus": sorted(os.sched_getaffinity(0)), "bytes_in": dict(self.bytes_in),
                 "seconds": dict(self.seconds), "calls": dict(self.calls)}
@@ -296,7 +306,7 @@ class RayExecutor:
 
     # ---- compiled graph for the steady state (all devices up) ----
 
-    def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]]) -> Any:
+    def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
         if self.chosen != "compiled" or self.down or route.fills or route.sources:
             return None
         if self._compiled is None:
@@ -304,10 +314,24 @@ class RayExecutor:
                 self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
             if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
                 return None
-            self._compiled = self._compile(route, arrays)
+            self._compiled = self._compile(route, arrays, chunk)
         return self._compiled
 
-    def _compile(self, route: Route, arrays: Mapping[str, list[np.ndarray]]) -> Any:
+    def channel_bytes(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int) -> int:
+        """A compiled graph's channel buffer, large enough for a chunk's largest message (the requests' inputs, or
+        one stage's outputs). Ray grows a buffer that is too small by itself, but (Ray 2.60) after many chunks
+        larger than the buffers the actors' processes created from their own default, teardown found an actor's
+        loop still running and waited 30 s for it."""
+        from ray.dag import DAGContext
+
+        nbytes = {t.tensor: t.nbytes for t in self.plan.transfers}
+        planned = sum(nbytes.get(t, 0) for t in arrays)
+        given = sum(values[0].nbytes for values in arrays.values() if values)
+        scale = max(1.0, given / planned) if planned else 1.0  # a larger batch or sequence than the plan's shapes
+        largest = max([planned, *(sum(nbytes.get(t, 0) for t in spec.outputs) for spec in route.stages)])
+        return max(DAGContext.get_current().buffer_size_bytes, int(largest * scale * chunk * 1.25) + 2**16)
+
+    def _compile(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int) -> Any:
         from ray.dag import InputNode, MultiOutputNode
 
         without = [spec.name for spec in route.stages if not spec.inputs]
@@ -324,7 +348,9 @@ class RayExecutor:
                 nodes.update(zip(spec.outputs, [node[i] for i in range(k)] if k > 1 else [node]))
             dag = MultiOutputNode([nodes[t] for t in self.router.outputs])
         try:
-            compiled = dag.experimental_compile(_max_inflight_executions=MAX_IN_FLIGHT)
+            nbytes = self.channel_bytes(route, arrays, chunk)
+            ray.get([self.actors[d].channel_bytes.remote(nbytes) for d in route.devices], timeout=self.ping_timeout * 5)
+            compiled = dag.experimental_compile(_max_inflight_executions=MAX_IN_FLIGHT, _buffer_size_bytes=nbytes)
             # the first execution (one request) sets the channels up (seconds); keep that out of any deadline
             first = {t: values[:1] for t, values in arrays.items()}
             ray.get(compiled.execute(*(first[t] for t in self.router.inputs)), timeout=WARMUP_TIMEOUT)
@@ -521,7 +547,7 @@ class Session:
             return
         size = len(req.arrays)
         inputs = req.inputs(ex.router.inputs)
-        dag = ex.compiled_for(route, inputs)
+        dag = ex.compiled_for(route, inputs, self.chunk)
         if dag is not None:
             try:
                 req.compiled = dag.execute(*(inputs[t] for t in ex.router.inputs))
@@ -651,10 +677,18 @@ def _is_channel_error(exc: BaseException) -> bool:
 
 
 def _quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
+    from ray.dag import DAGContext
+
+    context = DAGContext.get_current()
+    wait = context.teardown_timeout
+    if kill_actors:  # the actors go anyway: do not wait Ray's 30 s for a loop stuck on a channel first
+        context.teardown_timeout = min(wait, CLOSE_TEARDOWN_WAIT)
     try:
         dag.teardown(kill_actors=kill_actors)
     except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; nothing is left to free
         pass
+    finally:
+        context.teardown_timeout = wait
 
 
 def _first_line(exc: BaseException) -> str:
