@@ -188,6 +188,23 @@ def test_compiled_graph_keeps_running_while_the_caller_keeps_every_answer(ray_in
                                    rtol=0, atol=0)
 
 
+def test_a_session_with_larger_chunks_gets_a_compiled_graph_with_larger_channels(ray_instance, plans):
+    plan = plans["vertical3"]
+    small, large = _requests(plan, 4), _requests(plan, 8, batch=32)
+    local = LocalExecutor(plan, threads=1)
+    message = 32 * max(sum(t.nbytes for t in plan.transfers if t.src == src) for src in
+                       {SOURCE, *(s.name for s in plan.stages)})
+    with executor(plan, dataplane="compiled") as ex:
+        list(ex.session(2).stream(small))
+        built_for_one = ex.stats()
+        answers = list(ex.session(2, chunk=4).stream(large))
+        assert ex.compiled_graph_active
+        after = ex.stats()
+    assert all(built_for_one[d]["channel_bytes"] < 4 * message <= after[d]["channel_bytes"] for d in after)
+    for answer, x in zip(answers, large, strict=True):
+        _same(answer, local.run(x))
+
+
 def test_chunked_stream_survives_a_kill_and_a_silent_device(ray_instance, plans):
     plan = plans["horizontal"]
     requests = _requests(plan, 24)

@@ -206,6 +206,7 @@ class RayExecutor:
         self._probes: dict[str, ray.ObjectRef] = {}
         self._last_probe = 0.0
         self._compiled: Any = None
+        self._compiled_for = (0, 0)  # the chunk size and request bytes its channels were sized for
         self._compile_after = 0.0
         self._teardown: threading.Thread | None = None
         self._default: Session | None = None
@@ -309,12 +310,16 @@ class RayExecutor:
     def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
         if self.chosen != "compiled" or self.down or route.fills or route.sources:
             return None
+        given = sum(values[0].nbytes for values in arrays.values() if values)
+        if self._compiled is not None and (chunk > self._compiled_for[0] or given > self._compiled_for[1]):
+            self.drop_compiled(cooldown=False)  # its channels are too small for these chunks: build a larger one
         if self._compiled is None:
             if self._teardown is not None:
                 self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
             if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
                 return None
             self._compiled = self._compile(route, arrays, chunk)
+            self._compiled_for = (chunk, given)
         return self._compiled
 
     def channel_bytes(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int) -> int:
