@@ -61,6 +61,12 @@ def stall(ex, device: str, seconds: float) -> None:
     ex.actors[device].__ray_call__.remote(lambda self: time.sleep(seconds))
 
 
+def largest_message(plan, batch: int) -> int:
+    """Bytes of the largest message between devices for one request: the inputs, or one stage's outputs."""
+    return batch * max(sum(t.nbytes for t in plan.transfers if t.src == src) for src in
+                       {SOURCE, *(s.name for s in plan.stages)})
+
+
 def answers_meanwhile(stream, faults: dict) -> list:
     """Every answer of a stream; faults[i]() is injected right after answer i arrives."""
     answers = []
@@ -157,8 +163,7 @@ def test_chunked_stream_is_identical_in_order_and_a_bad_request_fails_alone(ray_
         after = ex.stats()
         if dataplane == "compiled":
             assert ex.compiled_graph_active
-            message = 32 * max(sum(t.nbytes for t in plan.transfers if t.src == src) for src in
-                               {SOURCE, *(s.name for s in plan.stages)})
+            message = largest_message(plan, batch=32)
             # every channel holds a whole chunk: buffers Ray had to grow left teardown waiting 30 s on a loop
             assert 4 * message > 10**6 and all(after[d]["channel_bytes"] >= 4 * message for d in after)
     assert len(answers) == 17 and isinstance(answers[6], EdgesplitError) and "missing input" in str(answers[6])
@@ -183,17 +188,16 @@ def test_compiled_graph_keeps_running_while_the_caller_keeps_every_answer(ray_in
         assert ex.compiled_graph_active, ex.compile_error
     calls = {d: sum(after[d]["calls"].values()) - sum(before[d]["calls"].values()) for d in after}
     assert all(n == 48 + 1 for n in calls.values())  # the warm-up, then each request once: nothing re-sent
-    for answer, x in zip(answers, requests):
-        np.testing.assert_allclose(answer.outputs["output"], LocalExecutor(plan, threads=1).run(x).outputs["output"],
-                                   rtol=0, atol=0)
+    local = LocalExecutor(plan, threads=1)
+    for answer, x in zip(answers, requests, strict=True):
+        _same(answer, local.run(x))
 
 
 def test_a_session_with_larger_chunks_gets_a_compiled_graph_with_larger_channels(ray_instance, plans):
     plan = plans["vertical3"]
     small, large = _requests(plan, 4), _requests(plan, 8, batch=32)
     local = LocalExecutor(plan, threads=1)
-    message = 32 * max(sum(t.nbytes for t in plan.transfers if t.src == src) for src in
-                       {SOURCE, *(s.name for s in plan.stages)})
+    message = largest_message(plan, batch=32)
     with executor(plan, dataplane="compiled") as ex:
         list(ex.session(2).stream(small))
         built_for_one = ex.stats()

@@ -97,7 +97,7 @@ class DeviceWorker:
     def ping(self) -> str:
         return self.device
 
-    def channel_bytes(self, nbytes: int) -> None:
+    def set_channel_bytes(self, nbytes: int) -> None:
         """The buffer of the compiled-graph channels this process creates (Ray sizes some from its own default)."""
         from ray.dag import DAGContext
 
@@ -206,7 +206,7 @@ class RayExecutor:
         self._probes: dict[str, ray.ObjectRef] = {}
         self._last_probe = 0.0
         self._compiled: Any = None
-        self._compiled_for = (0, 0)  # the chunk size and request bytes its channels were sized for
+        self._sized_for = (0, 0)  # the chunk size and bytes per request the compiled graph's channels hold
         self._compile_after = 0.0
         self._teardown: threading.Thread | None = None
         self._default: Session | None = None
@@ -310,33 +310,32 @@ class RayExecutor:
     def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
         if self.chosen != "compiled" or self.down or route.fills or route.sources:
             return None
-        given = sum(values[0].nbytes for values in arrays.values() if values)
-        if self._compiled is not None and (chunk > self._compiled_for[0] or given > self._compiled_for[1]):
+        request_bytes = sum(values[0].nbytes for values in arrays.values() if values)
+        if self._compiled is not None and (chunk > self._sized_for[0] or request_bytes > self._sized_for[1]):
             self.drop_compiled(cooldown=False)  # its channels are too small for these chunks: build a larger one
         if self._compiled is None:
             if self._teardown is not None:
                 self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
             if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
                 return None
-            self._compiled = self._compile(route, arrays, chunk)
-            self._compiled_for = (chunk, given)
+            self._compiled = self._compile(route, arrays, chunk, request_bytes)
+            self._sized_for = (chunk, request_bytes)
         return self._compiled
 
-    def channel_bytes(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int) -> int:
+    def channel_bytes(self, route: Route, chunk: int, request_bytes: int) -> int:
         """A compiled graph's channel buffer, large enough for a chunk's largest message (the requests' inputs, or
-        one stage's outputs). Ray grows a buffer that is too small by itself, but (Ray 2.60) after many chunks
+        one stage's outputs), for requests of `request_bytes` of inputs each. Ray grows a buffer that is too small by itself, but (Ray 2.60) after many chunks
         larger than the buffers the actors' processes created from their own default, teardown found an actor's
         loop still running and waited 30 s for it."""
         from ray.dag import DAGContext
 
         nbytes = {t.tensor: t.nbytes for t in self.plan.transfers}
-        planned = sum(nbytes.get(t, 0) for t in arrays)
-        given = sum(values[0].nbytes for values in arrays.values() if values)
-        scale = max(1.0, given / planned) if planned else 1.0  # a larger batch or sequence than the plan's shapes
+        planned = sum(nbytes.get(t, 0) for t in self.router.inputs)
+        scale = max(1.0, request_bytes / planned) if planned else 1.0  # a larger batch or sequence than planned
         largest = max([planned, *(sum(nbytes.get(t, 0) for t in spec.outputs) for spec in route.stages)])
         return max(DAGContext.get_current().buffer_size_bytes, int(largest * scale * chunk * 1.25) + 2**16)
 
-    def _compile(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int) -> Any:
+    def _compile(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int, request_bytes: int) -> Any:
         from ray.dag import InputNode, MultiOutputNode
 
         without = [spec.name for spec in route.stages if not spec.inputs]
@@ -353,8 +352,9 @@ class RayExecutor:
                 nodes.update(zip(spec.outputs, [node[i] for i in range(k)] if k > 1 else [node]))
             dag = MultiOutputNode([nodes[t] for t in self.router.outputs])
         try:
-            nbytes = self.channel_bytes(route, arrays, chunk)
-            ray.get([self.actors[d].channel_bytes.remote(nbytes) for d in route.devices], timeout=self.ping_timeout * 5)
+            nbytes = self.channel_bytes(route, chunk, request_bytes)
+            ray.get([self.actors[d].set_channel_bytes.remote(nbytes) for d in route.devices],
+                    timeout=self.ping_timeout * 5)
             compiled = dag.experimental_compile(_max_inflight_executions=MAX_IN_FLIGHT, _buffer_size_bytes=nbytes)
             # the first execution (one request) sets the channels up (seconds); keep that out of any deadline
             first = {t: values[:1] for t, values in arrays.items()}
@@ -460,9 +460,9 @@ class Session:
     """Requests in flight on a RayExecutor, answered in order; `report()` counts full / degraded / failed.
 
     `chunk` > 1 sends up to that many consecutive requests through each device in one call, which divides Ray's
-    per-call cost (bench_ray's per-hop overhead) by the chunk; a device
-    still runs them one at a time, so results are unchanged. At most `max_in_flight` chunks are in flight, and
-    the deadline covers each request of a chunk: a chunk of n has n times the deadline."""
+    per-call cost (bench_ray's per-hop overhead) by the chunk; a device still runs them one at a time, so results
+    are unchanged. At most `max_in_flight` chunks are in flight, and the deadline covers each request of a chunk:
+    a chunk of n has n times the deadline."""
 
     def __init__(self, executor: RayExecutor, max_in_flight: int | None = None, listen: bool = True,
                  chunk: int = 1) -> None:
