@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgesplit.cluster import Cluster, Device
-from edgesplit.errors import ClusterError, DeviceFailedError, EdgesplitError
+from edgesplit.errors import ClusterError, DeviceFailedError, EdgesplitError, StageError
 from edgesplit.pipeline import partition
 from edgesplit.plan import SOURCE
 from edgesplit.runtime import raycluster
@@ -207,6 +207,34 @@ def test_a_session_with_larger_chunks_gets_a_compiled_graph_with_larger_channels
     assert all(built_for_one[d]["channel_bytes"] < 4 * message <= after[d]["channel_bytes"] for d in after)
     for answer, x in zip(answers, large, strict=True):
         _same(answer, local.run(x))
+
+
+@pytest.mark.parametrize("dataplane", ["tasks", "compiled"])
+def test_a_stage_failing_on_one_request_of_a_chunk_fails_that_request_alone(ray_instance, plans, dataplane):
+    plan = plans["vertical2"]
+    requests = _requests(plan, 12)
+    requests[5] = {t: np.full_like(v, np.nan) for t, v in requests[5].items()}
+    local = LocalExecutor(plan, threads=1)
+    def refuse_nan(worker) -> None:  # nested: Ray ships it by value (the test module is not importable there)
+        """Every stage of this device fails on a request holding a NaN, a failure input checks cannot see."""
+        for session in worker.sessions.values():
+            def run(outputs, feeds, run=session.run):
+                if any(np.isnan(v).any() for v in feeds.values()):
+                    raise RuntimeError("NaN in a feed")
+                return run(outputs, feeds)
+            session.run = run
+
+    with executor(plan, dataplane=dataplane) as ex:
+        ray.get(ex.actors[plan.stages[0].device].__ray_call__.remote(refuse_nan))
+        session = ex.session(2, chunk=4)
+        answers = list(session.stream(requests))
+        report = session.report()
+        assert not ex.down  # a stage error is not a device failure
+    assert isinstance(answers[5], StageError) and answers[5].request == 5 and "NaN in a feed" in str(answers[5])
+    for i, (answer, x) in enumerate(zip(answers, requests, strict=True)):
+        if i != 5:
+            _same(answer, local.run(x))
+    assert (report.full, report.failed) == (11, 1)
 
 
 def test_chunked_stream_survives_a_kill_and_a_silent_device(ray_instance, plans):

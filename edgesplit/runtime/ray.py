@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError
+from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError, RayTaskError
 
 from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, PlanError, StageError
 from edgesplit.plan import Plan
@@ -462,7 +462,8 @@ class Session:
     `chunk` > 1 sends up to that many consecutive requests through each device in one call, which divides Ray's
     per-call cost (bench_ray's per-hop overhead) by the chunk; a device still runs them one at a time, so results
     are unchanged. At most `max_in_flight` chunks are in flight, and the deadline covers each request of a chunk:
-    a chunk of n has n times the deadline."""
+    a chunk of n has n times the deadline. A chunk that a stage fails on is sent again one request at a time, so a
+    request that fails fails alone."""
 
     def __init__(self, executor: RayExecutor, max_in_flight: int | None = None, listen: bool = True,
                  chunk: int = 1) -> None:
@@ -575,8 +576,8 @@ class Session:
         req.outputs = [v if isinstance(v, ray.ObjectRef) else ray.put(v) for v in outputs]
 
     def _collect(self, queue: deque[_Chunk]) -> list[RunResult | EdgesplitError]:
-        req = queue[0]
         while True:
+            req = queue[0]  # a chunk whose stage failed is replaced by its requests, one chunk each
             if req.error is not None:
                 self.tally.failed += len(req.ids)
                 device, stage = getattr(req.error, "device", ""), getattr(req.error, "stage", "")
@@ -627,10 +628,21 @@ class Session:
         if not lost and compiled:
             pass  # every device answers: retry on actor calls, which can tell which stage stalls or fails
         elif not lost and not _is_channel_error(exc):
+            if len(req.ids) > 1:  # one request's failure must not fail the rest of its chunk
+                self._split(req, queue)
+                return
             device, stage = self._failed_stage(req)
             req.error = StageError(device, stage, req.ids[0], _first_line(exc))
             return
         self._lose(req, queue, lost, rerun_compiled=compiled)
+
+    def _split(self, req: _Chunk, queue: deque[_Chunk]) -> None:
+        """Send the head chunk's requests again, one per chunk, in its place."""
+        singles = [_Chunk([i], [arrays]) for i, arrays in zip(req.ids, req.arrays)]
+        for single in singles:
+            self._dispatch(single)
+        queue.popleft()
+        queue.extendleft(reversed(singles))
 
     def _on_deadline(self, req: _Chunk, queue: deque[_Chunk]) -> None:
         assert req.route is not None
@@ -697,5 +709,8 @@ def _quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: for an error raised in an actor, the stage's own error, not Ray's wrapper."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    exc = cause if isinstance(cause, BaseException) else exc
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
