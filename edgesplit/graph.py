@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -15,9 +14,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgesplit.errors import ModelError
+from edgesplit.layout import Region
 
 Dim = int | str
-REGIONS_KEY = "edgesplit.regions"
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ class Graph:
     sha256: str
     name: str = "model"
     path: str = ""  # where it was loaded from, if a file
-    regions: tuple[dict, ...] = ()
+    regions: tuple[Region, ...] = ()  # horizontal regions of a rewritten graph
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,7 +129,6 @@ def from_model(
     tensors = _tensor_infos(inferred, dims or {})
     layers = _layers(inferred, tensors)
     digest = sha256 or _sha256_bytes(model.SerializeToString())
-    regions = next((json.loads(p.value) for p in inferred.metadata_props if p.key == REGIONS_KEY), [])
     return Graph(
         model=inferred,
         layers=layers,
@@ -139,7 +137,6 @@ def from_model(
         outputs=tuple(o.name for o in inferred.graph.output),
         sha256=digest,
         name=name,
-        regions=tuple(regions),
     )
 
 

@@ -22,6 +22,9 @@ class Choice(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __hash__(self) -> int:  # equal to its name as a string, so it hashes like one (sets, dict keys)
+        return hash(self.value)
+
     @classmethod
     def parse(cls: type[E], value: Any, what: str = "") -> E:
         try:
@@ -74,6 +77,7 @@ CNN_KINDS = CHANNEL_KINDS + SPATIAL_KINDS
 class Combine(Choice):
     CONCAT = "concat"  # part outputs hold disjoint units along `axis`
     SUM = "sum"  # part outputs are partial sums over their units
+    MAX = "max"  # part outputs are maxima over their units (a tiled global max pool)
     ARGMAX = "argmax"  # each part sends its best value and index (a distributed argmax LM head)
 
 
@@ -145,7 +149,7 @@ class Part:
 
     def to_dict(self) -> dict[str, Any]:
         return {"units": list(self.units), "output": self.output, "nodes": list(self.nodes), "device": self.device,
-                "share": round(self.share, 6), "replicas": [r.to_dict() for r in self.replicas]}
+                "share": self.share, "replicas": [r.to_dict() for r in self.replicas]}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> Part:

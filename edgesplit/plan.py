@@ -19,8 +19,10 @@ from onnx import helper
 from edgesplit.cluster import Cluster
 from edgesplit.errors import PlanError
 from edgesplit.graph import Graph, TensorInfo, node_references
+from edgesplit.layout import Layout, Region, regions_from_dicts
 
-FORMAT = "edgesplit-plan/1"
+FORMAT = "edgesplit-plan/2"
+FORMAT_1 = "edgesplit-plan/1"  # untyped regions; loads when it has none
 SOURCE = "@input"  # the requester, who feeds graph inputs
 SINK = "@output"  # the requester, who collects graph outputs
 
@@ -68,7 +70,7 @@ class Plan:
     stages: tuple[Stage, ...]
     transfers: tuple[Transfer, ...]
     stage_models: Mapping[str, bytes] = field(repr=False, compare=False)
-    regions: tuple[dict, ...] = ()
+    regions: tuple[Region, ...] = ()
     model_path: str = ""
 
     def stage(self, name: str) -> Stage:
@@ -121,8 +123,31 @@ class Plan:
         for out in self.outputs:
             if out.name not in producer and out.name not in produced:
                 problems.append(f"model output {out.name!r} is produced by no stage")
+        for t in self.transfers:
+            for end in (t.src, t.dst):
+                if end not in (SOURCE, SINK) and end not in names:
+                    problems.append(f"transfer of {t.tensor!r} names stage {end!r}, which the plan lacks")
+        problems += self._region_problems(producer)
         if not problems and (cycle := _find_cycle(self)):
             problems.append("stage graph has a cycle: " + " -> ".join(cycle))
+        return problems
+
+    def _region_problems(self, producer: Mapping[str, str]) -> list[str]:
+        """The layout's own problems; part and replica nodes in stages on their own device; replica outputs
+        exported by a stage (the executors take them from there when the part is lost)."""
+        problems = Layout(self.regions, self.placement).validate(self.cluster.names)
+        device_of = {n: s.device for s in self.stages for n in s.layers}
+        for r in self.regions:
+            for i, part in enumerate(r.parts):
+                for x, what in ((part, f"part {i}"), *((rep, f"part {i} replica {j}")
+                                                       for j, rep in enumerate(part.replicas))):
+                    wrong = sorted({device_of.get(n, "no stage") for n in x.nodes} - {x.device})
+                    if x.device is not None and wrong:
+                        problems.append(f"region {r.name!r} {what}: nodes on {wrong}, expected all on {x.device!r}")
+                for j, rep in enumerate(part.replicas):
+                    if rep.output not in producer:
+                        problems.append(f"region {r.name!r} part {i} replica {j}: output {rep.output!r} is exported "
+                                        f"by no stage")
         return problems
 
     def order(self) -> tuple[Stage, ...]:
@@ -178,7 +203,7 @@ class Plan:
                 {"tensor": t.tensor, "src": t.src, "dst": t.dst, "bytes": t.nbytes, "cross_device": t.cross_device}
                 for t in self.transfers
             ],
-            "regions": list(self.regions),
+            "regions": [r.to_dict() for r in self.regions],
         }
 
     @staticmethod
@@ -190,8 +215,7 @@ class Plan:
             raise PlanError(f"expected a plan directory containing plan.json, got {str(directory)!r}")
         try:
             d = json.loads(path.read_text())
-            if d.get("format") != FORMAT:
-                raise PlanError(f"{path}: expected format {FORMAT!r}, got {d.get('format')!r}")
+            regions = _regions(d, path)
             stages = tuple(
                 Stage(s["name"], s["device"], tuple(s["layers"]), tuple(s["inputs"]), tuple(s["outputs"]),
                       int(s["param_bytes"]), int(s["macs"]), s["sha256"])
@@ -213,15 +237,34 @@ class Plan:
                 stages=stages,
                 transfers=tuple(Transfer(t["tensor"], t["src"], t["dst"], int(t["bytes"]), bool(t["cross_device"])) for t in d["transfers"]),
                 stage_models=plan_models,
-                regions=tuple(d.get("regions", ())),
+                regions=regions,
                 model_path=d["model"].get("path", ""),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"{path} is not a valid plan: missing or malformed field ({type(exc).__name__}: {exc})") from None
         problems = plan.validate()
         if problems:
             raise PlanError(f"refusing plan {directory}:\n  " + "\n  ".join(problems))
         return plan
+
+
+def _regions(d: Mapping[str, Any], path: Path) -> tuple[Region, ...]:
+    """The typed regions of a plan.json, every unreadable one reported at once; format 1 only without regions."""
+    fmt = d.get("format")
+    if fmt == FORMAT_1:
+        if d.get("regions"):
+            raise PlanError(f"{path}: a format-1 plan ({FORMAT_1!r}) with horizontal regions; this edgesplit reads "
+                            f"{FORMAT!r}, whose regions are typed (units, combine, replicas). Re-create the plan with "
+                            f"`edgesplit partition` from its model ({d.get('model', {}).get('path') or 'see model.path'})")
+        return ()
+    if fmt != FORMAT:
+        raise PlanError(f"{path}: expected format {FORMAT!r} (or {FORMAT_1!r}), got {fmt!r}")
+    if not isinstance(d.get("regions", []), list):
+        raise PlanError(f"{path}: expected 'regions' to be a list, got {type(d['regions']).__name__}")
+    regions, problems = regions_from_dicts(d.get("regions", []))
+    if problems:
+        raise PlanError(f"refusing plan {path.parent}: unreadable regions:\n  " + "\n  ".join(problems))
+    return regions
 
 
 def _find_cycle(plan: Plan) -> list[str]:
@@ -250,7 +293,10 @@ def _find_cycle(plan: Plan) -> list[str]:
 
 def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
     """Turn a complete placement into stages whose dependency graph is a DAG, and the transfers between them."""
-    groups = _stage_groups(graph, placement)
+    # replica nodes get stages of their own, so a standby replica costs nothing until its part is lost
+    replica_of = {n: r.output for region in graph.regions for r in region.replicas for n in r.nodes}
+    keyed = {n: f"{d}\0{replica_of[n]}" if n in replica_of else d for n, d in placement.items()}
+    groups = [(key.split("\0")[0], members) for key, members in _stage_groups(graph, keyed)]
     producer_stage: dict[str, int] = {}
     for idx, (_, members) in enumerate(groups):
         for name in members:
@@ -262,14 +308,15 @@ def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
             for t in graph.layer(name).inputs:
                 if producer_stage.get(t) != idx:
                     consumers[t].add(idx)
-    graph_outputs = set(graph.outputs)
+    # a replica's output feeds no node: the executors take it from its stage when its part is lost
+    exported = set(graph.outputs) | {r.output for region in graph.regions for r in region.replicas}
     names = [f"s{i}_{device}" for i, (device, _) in enumerate(groups)]
     stages, models, transfers = [], {}, []
     for idx, (device, members) in enumerate(groups):
         member_set = set(members)
         ins = list(dict.fromkeys(t for n in members for t in graph.layer(n).inputs if producer_stage.get(t) != idx))
         outs = [t for n in members for t in graph.layer(n).outputs
-                if t in graph_outputs or any(c != idx for c in consumers.get(t, ()))]
+                if t in exported or any(c != idx for c in consumers.get(t, ()))]
         data = _stage_model(graph, [n for n in (l.name for l in graph.layers) if n in member_set], ins, outs, names[idx])
         models[names[idx]] = data
         stages.append(Stage(

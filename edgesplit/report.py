@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from edgesplit.graph import Graph
+from edgesplit.layout import Region, RegionStats
 from edgesplit.plan import Plan
 
 
@@ -105,28 +106,29 @@ def region_rows(plan: Plan) -> list[dict[str, Any]]:
     for r in plan.regions:
         exchanged = region_bytes(plan, r)
         shares: dict[str, float] = defaultdict(float)
-        for p in r["parts"]:
-            shares[p["device"]] += p["share"]
-        macs = r.get("macs", 0)
+        for p in r.parts:
+            shares[str(p.device)] += p.share
+        stats = r.stats or RegionStats()
         rows.append({
-            "name": r["name"], "kind": r["kind"], "layers": len(r["layers"]),
+            "name": r.name, "kind": r.kind.value, "layers": len(r.layers),
             "shares": dict(shares),
-            "sync_points": [r["combine"]],  # grid row concats run on the same device as the final combine
-            "combine_stage": stage_of.get(r["combine"]),
+            "sync_points": [r.combine_node],  # grid row concats run on the same device as the final combine
+            "combine_stage": stage_of.get(r.combine_node),
             "bytes_exchanged": exchanged,
-            "redundant_macs": r.get("redundant_macs", 0),
-            "halo_overhead": (r.get("redundant_macs", 0) / macs) if macs else 0.0,
-            "halo_bytes": r.get("halo_bytes", 0),
+            "redundant_macs": stats.redundant_macs,
+            "halo_overhead": (stats.redundant_macs / stats.macs) if stats.macs else 0.0,
+            "halo_bytes": stats.halo_bytes,
+            "replicas": len(r.replicas),
         })
     return rows
 
 
-def region_bytes(plan: Plan, region: dict[str, Any]) -> int:
+def region_bytes(plan: Plan, region: Region) -> int:
     """Bytes a region moves between devices per inference: its inputs into its parts, its parts into its combine."""
     stage_nodes = {s.name: set(s.layers) for s in plan.stages}
-    parts = {n for p in region["parts"] for n in p["nodes"]}
-    combines = set(region.get("combine_nodes") or [region["combine"]])
-    inputs, outputs = set(region.get("inputs", ())), {p["output"] for p in region["parts"]}
+    parts = set(region.nodes)
+    combines = set(region.combine_nodes or (region.combine_node,))
+    inputs, outputs = set(region.stats.inputs if region.stats else ()), set(region.outputs)
     total = 0
     for t in plan.cross_device_transfers:
         into = stage_nodes.get(t.dst, set())

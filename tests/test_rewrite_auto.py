@@ -25,7 +25,7 @@ def test_automatic_plans_are_exact(name, strategy, split, zoo_graphs):
     plan = partition(graph, Cluster.simulated(k), strategy=strategy, split=split)
     assert plan.regions, "expected at least one horizontal region"
     assert plan.validate() == []
-    kinds = {r["kind"] for r in plan.regions}
+    kinds = {r.kind for r in plan.regions}
     if split == "channels":
         assert kinds <= {"lop", "lip", "fused-channels"}
     if split == "spatial":
@@ -40,9 +40,9 @@ def test_hybrid_cuts_vertically_and_splits_inside_groups(zoo_graphs):
     groups = [{d.name for d in g} for g in device_groups(cluster)]
     assert groups == [{"dev0", "dev1"}, {"dev2", "dev3"}]
     for region in plan.regions:
-        used = {p["device"] for p in region["parts"]}
+        used = {p.device for p in region.parts}
         assert any(used <= g for g in groups), f"{region['name']} straddles groups: {used}"
-    assert {g for r in plan.regions for g in range(2) if {p["device"] for p in r["parts"]} <= groups[g]} == {0, 1}
+    assert {g for r in plan.regions for g in range(2) if {p.device for p in r.parts} <= groups[g]} == {0, 1}
     assert plan.validate() == []  # includes the acyclicity check of the stage graph
     assert_exact(plan, graph)
 
@@ -53,7 +53,7 @@ def test_fused_regions_halve_the_synchronisations(zoo_graphs):
     fused = apply(graph, Cluster.simulated(4), [SplitRequest("fused-channels", chain, devices(4))])
     per_layer = apply(graph, Cluster.simulated(4), [SplitRequest("lop", chain[:1], devices(4)),
                                                      SplitRequest("lip", chain[-1:], devices(4))])
-    syncs = lambda g: len({r["combine"] for r in g.regions})  # noqa: E731
+    syncs = lambda g: len({r.combine_node for r in g.regions})  # noqa: E731
     assert syncs(fused) * 2 <= syncs(per_layer)
 
 
@@ -66,7 +66,7 @@ def test_channel_split_spreads_parameters(zoo_graphs):
     where = placement(rewritten, cluster)
     plan = cut(rewritten, cluster, where)
     region = rewritten.regions[0]
-    for part in region["parts"]:
-        conv = rewritten.layer(part["nodes"][0])
+    for part in region.parts:
+        conv = rewritten.layer(part.nodes[0])
         assert conv.param_bytes <= 1.05 * layer.param_bytes / 4
     assert plan.validate() == []

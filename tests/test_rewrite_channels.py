@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
+from edgesplit.layout import Region
 from onnx import TensorProto, helper, numpy_helper
 
 import edgesplit
@@ -68,16 +70,16 @@ def assert_exact(plan, graph, batch: int = 2) -> None:
     assert_plan_matches(plan, graph, batch, RTOL)
 
 
-def assert_region(rewritten, kind: str, k: int) -> dict:
-    region = next(r for r in rewritten.regions if r["kind"] == kind)
-    assert {"name", "kind", "layers", "combine", "parts", "fill"} <= set(region)  # the shared format (brief)
-    assert all({"nodes", "output", "device", "share", "replicas"} <= set(p) for p in region["parts"])
-    assert len(region["parts"]) == k
-    assert abs(sum(p["share"] for p in region["parts"]) - 1) < 1e-6
+def assert_region(rewritten, kind: str, k: int) -> Region:
+    region = next(r for r in rewritten.regions if r.kind == kind)
+    assert region.validate() == []
+    assert Region.from_dict(region.to_dict()) == region  # round-trips through plan.json
+    assert len(region.parts) == k
+    assert abs(sum(p.share for p in region.parts) - 1) < 1e-6
     names = {l.name for l in rewritten.layers}
-    assert region["combine"] in names
-    for p in region["parts"]:
-        assert p["nodes"] and set(p["nodes"]) <= names and p["output"] in rewritten.tensors
+    assert region.combine_node in names
+    for p in region.parts:
+        assert p.nodes and set(p.nodes) <= names and p.output in rewritten.tensors
     return region
 
 
@@ -90,7 +92,7 @@ def test_channel_split_is_exact(name, kind, k, zoo_graphs):
     cluster = Cluster.simulated(k)
     rewritten, plan = split_plan(graph, [SplitRequest(kind, tuple(layers), devices(k))], cluster)
     region = assert_region(rewritten, kind, k)
-    assert set(layers) <= set(region["layers"])
+    assert set(layers) <= set(region.layers)
     assert {s.device for s in plan.stages} == set(devices(k))
     assert_exact(plan, graph)
 
@@ -100,8 +102,8 @@ def test_followers_do_not_combine_early(zoo_graphs):
     graph = zoo_graphs["vgg"]
     rewritten, _ = split_plan(graph, [SplitRequest("lop", ("/body/body.4/Conv",), devices(2))], Cluster.simulated(2))
     region = rewritten.regions[0]
-    assert region["layers"] == ["/body/body.4/Conv", "/body/body.5/BatchNormalization", "/body/body.6/Relu"]
-    combine = rewritten.layer(region["combine"])
+    assert list(region.layers) == ["/body/body.4/Conv", "/body/body.5/BatchNormalization", "/body/body.6/Relu"]
+    combine = rewritten.layer(region.combine_node)
     assert combine.op_type == "Concat" and combine.outputs == ("/body/body.6/Relu_output_0",)
 
 
@@ -111,7 +113,7 @@ def test_concat_of_split_tensors_takes_the_parts(zoo_graphs):
     rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/b1/b1.0/Conv",), devices(3))],
                                  Cluster.simulated(3))
     region = rewritten.regions[0]
-    assert region["combine"] == "/body/body.4/Concat"
+    assert region.combine_node == "/body/body.4/Concat"
     assert len(rewritten.layer("/body/body.4/Concat").inputs) == 3 + 3
     assert_exact(plan, graph)
 
@@ -124,8 +126,8 @@ def test_add_of_identically_split_tensors_follows(zoo_graphs):
     rewritten, plan = split_plan(graph, reqs, Cluster.simulated(2))
     assert len(rewritten.regions) == 1
     region = rewritten.regions[0]
-    assert "/body/body.5/Add" in region["layers"] and "/body/body.5/Relu_1" in region["layers"]
-    assert [p["share"] for p in region["parts"]] == [pytest.approx(6 / 16), pytest.approx(10 / 16)]
+    assert "/body/body.5/Add" in region.layers and "/body/body.5/Relu_1" in region.layers
+    assert [p.share for p in region.parts] == [pytest.approx(6 / 16), pytest.approx(10 / 16)]
     assert_exact(plan, graph)
 
 
@@ -133,14 +135,14 @@ def test_depthwise_follows_and_grouped_lop_splits_by_groups(zoo_graphs):
     graph = zoo_graphs["mobilenet"]
     rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.3/f/f.0/Conv",), devices(2))],
                                  Cluster.simulated(2))
-    layers = rewritten.regions[0]["layers"]
+    layers = rewritten.regions[0].layers
     assert "/body/body.3/f/f.3/Conv" in layers  # depthwise
     assert "/body/body.3/f/f.6/Conv" in layers  # group 2, aligned with the 2-way split
     assert_exact(plan, graph)
     rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/f/f.3/Conv",), devices(3))],
                                  Cluster.simulated(3))
-    part = rewritten.layer(rewritten.regions[0]["parts"][0]["nodes"][0])
-    assert part.op_type == "Conv" and rewritten.regions[0]["scatter"]
+    part = rewritten.layer(rewritten.regions[0].parts[0].nodes[0])
+    assert part.op_type == "Conv" and rewritten.regions[0].scatter
     assert_exact(plan, graph)
 
 
@@ -148,7 +150,7 @@ def test_mlp_pair_of_gemms(zoo_graphs):
     graph = zoo_graphs["vgg"]
     req = SplitRequest("fused-channels", ("/fc/fc.0/Gemm", "/fc/fc.1/Relu", "/fc/fc.2/Gemm"), devices(5))
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(5))
-    assert rewritten.layer(rewritten.regions[0]["combine"]).op_type == "Sum"
+    assert rewritten.layer(rewritten.regions[0].combine_node).op_type == "Sum"
     assert_exact(plan, graph)
 
 
@@ -156,7 +158,7 @@ def test_uneven_shares_follow_device_speed(zoo_graphs):
     graph = zoo_graphs["densenet"]
     cluster = Cluster(tuple(Device(f"dev{i}", 1, 2**30, speed=s) for i, s in enumerate((3.0, 1.0, 2.0))))
     rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.1/f/f.2/Conv",), devices(3))], cluster)
-    shares = [p["share"] for p in rewritten.regions[0]["parts"]]
+    shares = [p.share for p in rewritten.regions[0].parts]
     assert shares == [pytest.approx(16 / 32), pytest.approx(5 / 32), pytest.approx(11 / 32)]
     assert_exact(plan, graph)
 
@@ -219,7 +221,7 @@ def grouped_graph():
 @pytest.mark.parametrize("k", (2, 3, 4))
 def test_grouped_conv_lop_by_groups(grouped_graph, k):
     rewritten, plan = split_plan(grouped_graph, [SplitRequest("lop", ("gconv",), devices(k))], Cluster.simulated(k))
-    assert all(r % 2 == 0 for r in (round(p["share"] * 8) for p in rewritten.regions[0]["parts"]))
+    assert all(r % 2 == 0 for r in (round(p.share * 8) for p in rewritten.regions[0].parts))
     assert_exact(plan, grouped_graph)
 
 
@@ -236,7 +238,7 @@ def test_reshape_before_gemm_follows_the_channel_split(shape, k):
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 5, 4])], [_vi("y", [2, 7])], inits))
     req = SplitRequest("fused-channels", ("conv", "relu", "reshape", "fc"), devices(k))
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(k))
-    assert rewritten.regions[0]["layers"] == ["conv", "relu", "reshape", "fc"]
+    assert list(rewritten.regions[0].layers) == ["conv", "relu", "reshape", "fc"]
     assert_exact(plan, graph)
 
 
@@ -268,10 +270,10 @@ def test_fanned_out_elementwise_ops_follow(silu_graph, k):
     reqs = [SplitRequest("fused-channels", ("conv1", "sigmoid", "silu", "conv2"), devices(min(k, 6))),
             SplitRequest("fused-channels", ("fc1", "div", "erf", "add1", "gelu", "fc2"), devices(k))]
     rewritten, plan = split_plan(silu_graph, reqs, Cluster.simulated(k))
-    assert [len(r["layers"]) for r in rewritten.regions] == [4, 6]
+    assert [len(r.layers) for r in rewritten.regions] == [4, 6]
     assert_exact(plan, silu_graph)
     auto = edgesplit.partition(silu_graph, Cluster.simulated(k), strategy="horizontal", split="channels")
-    assert {r["kind"] for r in auto.regions} == {"fused-channels"}
+    assert {r.kind for r in auto.regions} == {"fused-channels"}
     assert_exact(auto, silu_graph)
 
 
@@ -291,8 +293,8 @@ def test_squeeze_excitation_scale_is_sliced_not_combined(k):
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 6, 5])], [_vi("y", [2, 4, 6, 5])], inits))
     req = SplitRequest("fused-channels", ("conv1", "scale", "relu", "conv2"), devices(k))
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(k))
-    assert rewritten.regions[0]["layers"] == ["conv1", "scale", "relu", "conv2"]
+    assert list(rewritten.regions[0].layers) == ["conv1", "scale", "relu", "conv2"]
     assert_exact(plan, graph)
     auto = edgesplit.partition(graph, Cluster.simulated(k), strategy="horizontal", split="channels")
-    assert any(r["kind"] == "fused-channels" and r["layers"][0] == "conv1" for r in auto.regions)
+    assert any(r.kind == "fused-channels" and r.layers[0] == "conv1" for r in auto.regions)
     assert_exact(auto, graph)

@@ -62,7 +62,7 @@ def test_spatial_split_is_exact(name, kind, k, zoo_graphs):
     layers = _layers(graph, SPATIAL_CASES[name][kind])
     rewritten, plan = split_plan(graph, [SplitRequest(kind, layers, devices(k))], Cluster.simulated(k))
     region = assert_region(rewritten, kind, k)
-    assert set(layers) <= set(region["layers"])
+    assert set(layers) <= set(region.layers)
     assert_exact(plan, graph)
 
 
@@ -74,9 +74,9 @@ def test_fused_region_has_one_sync_and_reports_halo_macs(zoo_graphs):
     per_layer, _ = split_plan(graph, [SplitRequest("height", (l,), devices(4)) for l in convs], Cluster.simulated(4))
     assert len(fused.regions) == 1 and len(per_layer.regions) == len(convs) == 4
     region = fused.regions[0]
-    assert region["redundant_macs"] > 0
-    assert region["part_macs"] == region["macs"] + region["redundant_macs"]
-    assert all(r["redundant_macs"] == 0 for r in per_layer.regions)  # one layer: halos are read, not recomputed
+    assert region.stats.redundant_macs > 0
+    assert region.stats.part_macs > region.stats.macs  # the halos are computed twice
+    assert all(r.stats.redundant_macs == 0 for r in per_layer.regions)  # one layer: halos are read, not recomputed
 
 
 def test_padding_only_at_the_border(zoo_graphs):
@@ -84,8 +84,8 @@ def test_padding_only_at_the_border(zoo_graphs):
     graph = zoo_graphs["vgg"]
     rewritten, _ = split_plan(graph, [SplitRequest("height", ("/body/body.4/Conv",), devices(3))], Cluster.simulated(3))
     pads = []
-    for part in rewritten.regions[0]["parts"]:
-        node = next(n for n in rewritten.model.graph.node if n.name == part["nodes"][0])
+    for part in rewritten.regions[0].parts:
+        node = next(n for n in rewritten.model.graph.node if n.name == part.nodes[0])
         pads.append(list(next(a.ints for a in node.attribute if a.name == "pads")))
     assert pads == [[1, 1, 0, 1], [0, 1, 0, 1], [0, 1, 1, 1]]
 
@@ -96,7 +96,7 @@ def test_global_pool_tiles_combine_partials(op, k):
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node(op, ["r"], ["y"], name="pool")]
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 7, 5])], [_vi("y", [2, 3, 1, 1])], {}))
     rewritten, plan = split_plan(graph, [SplitRequest("fused-spatial", ("relu", "pool"), devices(k))], Cluster.simulated(k))
-    assert rewritten.layer(rewritten.regions[0]["combine"]).op_type == ("Sum" if op == "GlobalAveragePool" else "Max")
+    assert rewritten.layer(rewritten.regions[0].combine_node).op_type == ("Sum" if op == "GlobalAveragePool" else "Max")
     assert_exact(plan, graph)
 
 
@@ -147,7 +147,7 @@ def test_odd_shapes_fused_over_all_layers(odd_graph, axis, k):
         return
     req = SplitRequest("fused-spatial", tuple(l.name for l in odd_graph.layers), devices(k), axis=axis)
     rewritten, plan = split_plan(odd_graph, [req], Cluster.simulated(k))
-    assert len(rewritten.regions) == 1 and rewritten.regions[0]["redundant_macs"] > 0
+    assert len(rewritten.regions) == 1 and rewritten.regions[0].stats.redundant_macs > 0
     assert_exact(plan, odd_graph)
 
 
@@ -179,7 +179,7 @@ def test_lrn_is_tiled_and_instance_norm_is_refused():
     with pytest.raises(SplitError, match=r"'norm' \(InstanceNormalization\) cannot be split spatially"):
         split_plan(graph, [SplitRequest("fused-spatial", ("conv", "norm"), devices(3))], Cluster.simulated(3))
     rewritten, plan = split_plan(graph, [SplitRequest("lop", ("conv",), devices(3))], Cluster.simulated(3))
-    assert rewritten.regions[0]["layers"] == ["conv", "norm"]  # per channel: it follows a channel split
+    assert list(rewritten.regions[0].layers) == ["conv", "norm"]  # per channel: it follows a channel split
     assert_exact(plan, graph)
 
 

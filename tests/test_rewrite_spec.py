@@ -27,10 +27,10 @@ def test_autodice_horizontal_spec_as_is(zoo_graphs):
             "/body/body.0/Conv": ["height", [5], ["dev1", "dev2"]],
             "/fc/fc.0/Gemm": ["lip", [], ["dev0", "dev2"]]}
     plan = partition(graph, Cluster.simulated(3), spec)
-    kinds = {r["name"]: r for r in plan.regions}
-    assert [round(p["share"] * 16) for p in kinds[f"lop:{CONV}"]["parts"]] == [4, 6, 6]
-    assert [round(p["share"] * 16) for p in kinds["height:/body/body.0/Conv"]["parts"]] == [5, 11]
-    assert [p["device"] for p in kinds["lip:/fc/fc.0/Gemm"]["parts"]] == ["dev0", "dev2"]
+    kinds = {r.name: r for r in plan.regions}
+    assert [round(p.share * 16) for p in kinds[f"lop:{CONV}"].parts] == [4, 6, 6]
+    assert [round(p.share * 16) for p in kinds["height:/body/body.0/Conv"].parts] == [5, 11]
+    assert [p.device for p in kinds["lip:/fc/fc.0/Gemm"].parts] == ["dev0", "dev2"]
     assert_exact(plan, graph)
 
 
@@ -41,7 +41,7 @@ def test_autodice_hybrid_spec_with_vertical_entries(zoo_graphs):
     spec = {"dev0": names[:cut], "dev3": names[cut:], CONV: ["lop", [], ["dev1", "dev2"]]}
     plan = partition(graph, Cluster.simulated(4), spec)
     assert plan.placement["/Softmax"] == "dev3" and plan.placement["/body/body.0/Conv"] == "dev0"
-    assert {p["device"] for p in plan.regions[0]["parts"]} == {"dev1", "dev2"}
+    assert {p.device for p in plan.regions[0].parts} == {"dev1", "dev2"}
     assert plan.validate() == []
     assert_exact(plan, graph)
 
@@ -61,11 +61,11 @@ def test_yaml_regions_hybrid_with_weights(zoo_graphs, tmp_path):
         ],
     }
     plan = partition(graph, cluster, mapping)
-    by_kind = {r["kind"]: r for r in plan.regions}
+    by_kind = {r.kind: r for r in plan.regions}
     spatial, channels, grid = by_kind["fused-spatial"], by_kind["fused-channels"], by_kind["grid"]
-    assert [p["share"] for p in spatial["parts"]] == [pytest.approx(0.25), pytest.approx(0.75)]
-    assert [p["share"] for p in channels["parts"]] == [pytest.approx(7 / 16), pytest.approx(9 / 16)]  # speeds 3 and 4, 16 channels
-    assert len(grid["combine_nodes"]) == 3  # two row concats and the final one
+    assert [p.share for p in spatial.parts] == [pytest.approx(0.25), pytest.approx(0.75)]
+    assert [p.share for p in channels.parts] == [pytest.approx(7 / 16), pytest.approx(9 / 16)]  # speeds 3 and 4, 16 channels
+    assert len(grid.combine_nodes) == 3  # two row concats and the final one
     assert plan.placement["/head/fc/Gemm"] == "dev3" and plan.placement["/body/body.4/c1/Conv"] == "dev0"
     assert plan.validate() == []
     assert_exact(plan, graph)
@@ -76,7 +76,7 @@ def test_range_with_per_layer_kind_gives_one_region_per_layer(zoo_graphs):
     mapping = {"regions": [{"layers": {"from": "/body/body.0/Conv", "to": "/body/body.9/Relu"}, "split": "lop",
                             "devices": ["dev0", "dev1"]}]}
     plan = partition(graph, Cluster.simulated(2), mapping)
-    assert [r["layers"][0] for r in plan.regions] == ["/body/body.0/Conv", "/body/body.4/Conv", "/body/body.7/Conv"]
+    assert [r.layers[0] for r in plan.regions] == ["/body/body.0/Conv", "/body/body.4/Conv", "/body/body.7/Conv"]
     assert_exact(plan, graph)
 
 

@@ -53,22 +53,22 @@ def _check_plan(graph, plan: Plan, dims=None) -> None:
 
 def _check_syncs(split, plan: Plan) -> None:
     """Two Sum combines per block, and only hidden states / partial sums (and vocab slices) cross devices."""
-    regions = [r for r in split.graph.regions if r["kind"] in ("heads", "neurons") and r["layers"]]
+    regions = [r for r in split.graph.regions if r.kind in ("heads", "neurons") and r.layers]
     per_block: dict[int, list[str]] = {}
     for r in regions:
-        per_block.setdefault(r["block"], []).append(r["kind"])
+        per_block.setdefault(r.block, []).append(r.kind)
     assert len(per_block) == split.blocks
     assert all(sorted(kinds) == ["heads", "neurons"] for kinds in per_block.values()), per_block
     sums = [n for n in split.graph.model.graph.node if n.op_type == "Sum"]
     assert len(sums) == 2 * split.blocks
     # a synchronisation is a stage-to-stage edge across devices: X out to each other part, its partial sum back
-    expected = sum(2 * (len(r["parts"]) - 1) for r in split.graph.regions)
+    expected = sum(2 * (len(r.parts) - 1) for r in split.graph.regions)
     edges = {(t.src, t.dst) for t in plan.transfers if t.cross_device and SOURCE != t.src and SINK != t.dst}
     assert len(edges) == expected, sorted(edges)
 
 
 def _part_bytes(graph, part: dict) -> int:
-    weights = {w for n in part["nodes"] for w in graph.layer(n).weights}
+    weights = {w for n in part.nodes for w in graph.layer(n).weights}
     return sum(graph.tensors[w].nbytes for w in weights)
 
 
@@ -92,21 +92,21 @@ def test_split_matches_unsplit_model(models, kind: str, exporter: str, n: int) -
     _check_syncs(split, plan)
     _check_plan(graph, plan, {"batch": 1} if kind.startswith("vit") else None)
     for r in split.graph.regions:
-        devices = [p["device"] for p in r["parts"]]
+        devices = [p.device for p in r.parts]
         assert len(set(devices)) == len(devices) == n
-        assert abs(sum(p["share"] for p in r["parts"]) - 1) < 1e-4
+        assert abs(sum(p.share for p in r.parts) - 1) < 1e-4
 
 
 def test_uneven_speed_weights_six_heads_on_four_devices(models) -> None:
     graph = models("bert6")
     cluster = Cluster(tuple(Device(f"d{i}", 1, 2**30, speed=s) for i, s in enumerate((2.0, 1.0, 1.0, 1.0))))
     split = split_transformer(graph, cluster)
-    heads = [r for r in split.graph.regions if r["kind"] == "heads"]
+    heads = [r for r in split.graph.regions if r.kind == "heads"]
     # 6 heads by speed 2:1:1:1 -> 3, 1, 1, 1 heads (largest remainder, every device at least one)
-    assert [round(p["share"] * 6) for p in heads[0]["parts"]] == [3, 1, 1, 1]
+    assert [round(p.share * 6) for p in heads[0].parts] == [3, 1, 1, 1]
     # the MLP compensates: dev0 holds 3/6 of the heads but 2/5 of each block's weights
-    block0 = [r for r in split.graph.regions if r.get("block") == 0]
-    per_device = {d: sum(_part_bytes(split.graph, p) for r in block0 for p in r["parts"] if p["device"] == d)
+    block0 = [r for r in split.graph.regions if r.block == 0]
+    per_device = {d: sum(_part_bytes(split.graph, p) for r in block0 for p in r.parts if p.device == d)
                   for d in cluster.names}
     assert per_device["d0"] / sum(per_device.values()) == pytest.approx(0.4, abs=0.02)
     plan = cut(split.graph, cluster, split.placement)
@@ -117,8 +117,8 @@ def test_uneven_speed_weights_six_heads_on_four_devices(models) -> None:
 def test_twelve_heads_on_five_devices(models) -> None:
     graph = models("gpt2-12")
     split = split_transformer(graph, Cluster.simulated(5))
-    heads = [r for r in split.graph.regions if r["kind"] == "heads"][0]["parts"]
-    assert sorted(round(p["share"] * 12) for p in heads) == [2, 2, 2, 3, 3]
+    heads = [r for r in split.graph.regions if r.kind == "heads"][0].parts
+    assert sorted(round(p.share * 12) for p in heads) == [2, 2, 2, 3, 3]
     _check_plan(graph, cut(split.graph, Cluster.simulated(5), split.placement))
 
 
@@ -126,19 +126,19 @@ def test_explicit_shares_override_speeds(models) -> None:
     graph = models("gpt2")
     cluster = Cluster.simulated(2)
     split = split_transformer(graph, cluster, shares={"dev0": 3, "dev1": 1})
-    heads = [r for r in split.graph.regions if r["kind"] == "heads"][0]["parts"]
-    assert [round(p["share"] * 4) for p in heads] == [3, 1]
+    heads = [r for r in split.graph.regions if r.kind == "heads"][0].parts
+    assert [round(p.share * 4) for p in heads] == [3, 1]
     _check_plan(graph, cut(split.graph, cluster, split.placement))
 
 
 def test_gqa_keeps_query_heads_with_their_kv_head(models) -> None:
     graph = models("llama")  # 6 query heads, 2 KV heads, head_dim 12
     split = split_transformer(graph, Cluster.simulated(2))
-    region = [r for r in split.graph.regions if r["kind"] == "heads"][0]
+    region = [r for r in split.graph.regions if r.kind == "heads"][0]
     inits = {t.name: t for t in split.graph.model.graph.initializer}
     nodes = {n.name: n for n in split.graph.model.graph.node}
-    for part in region["parts"]:
-        widths = sorted(inits[nodes[n].input[1]].dims[1] for n in part["nodes"]
+    for part in region.parts:
+        widths = sorted(inits[nodes[n].input[1]].dims[1] for n in part.nodes
                         if nodes[n].op_type == "MatMul" and nodes[n].input[1] in inits
                         and len(inits[nodes[n].input[1]].dims) == 2 and inits[nodes[n].input[1]].dims[0] == 72)
         assert widths == [12, 12, 36]  # k and v: one KV head; q: its three query heads
@@ -149,9 +149,9 @@ def test_gqa_with_more_devices_than_kv_heads(models) -> None:
     with pytest.raises(EdgesplitError, match="part would be empty"):
         split_transformer(graph, Cluster.simulated(3))
     split = split_transformer(graph, Cluster.simulated(3), allow_idle=True)
-    heads = [r for r in split.graph.regions if r["kind"] == "heads"][0]
-    neurons = [r for r in split.graph.regions if r["kind"] == "neurons"][0]
-    assert len(heads["parts"]) == 2 and len(neurons["parts"]) == 3
+    heads = [r for r in split.graph.regions if r.kind == "heads"][0]
+    neurons = [r for r in split.graph.regions if r.kind == "neurons"][0]
+    assert len(heads.parts) == 2 and len(neurons.parts) == 3
     _check_plan(graph, cut(split.graph, Cluster.simulated(3), split.placement))
 
 
@@ -160,8 +160,8 @@ def test_hybrid_blocks_on_device_groups(models) -> None:
     cluster = Cluster.simulated(4)
     split = split_transformer(graph, cluster, groups=[["dev0", "dev1"], ["dev2", "dev3"]], boundaries=[1])
     for r in split.graph.regions:
-        devices = {p["device"] for p in r["parts"]}
-        assert devices == ({"dev0", "dev1"} if r["block"] == 0 else {"dev2", "dev3"})
+        devices = {p.device for p in r.parts}
+        assert devices == ({"dev0", "dev1"} if r.block == 0 else {"dev2", "dev3"})
     plan = cut(split.graph, cluster, split.placement)
     assert sum(n.op_type == "Sum" for n in split.graph.model.graph.node) == 2 * split.blocks
     _check_plan(graph, plan)
@@ -172,9 +172,9 @@ def test_unrecognised_attention_falls_back_and_names_the_node(models) -> None:
     split = split_transformer(graph, Cluster.simulated(2))
     assert len(split.skipped) == 2
     assert all("Softmax" in s.node and "attention not recognised" in s.reason for s in split.skipped)
-    kinds = [r["kind"] for r in split.graph.regions]
+    kinds = [r.kind for r in split.graph.regions]
     assert "heads" not in kinds
-    mlp = [r for r in split.graph.regions if any("mlp" in n for n in r["layers"])]
+    mlp = [r for r in split.graph.regions if any("mlp" in n for n in r.layers)]
     assert len(mlp) == 2  # the MLPs are still split
     with pytest.warns(TransformerSplitWarning, match="attention not recognised"):
         plan = partition(graph, Cluster.simulated(2), strategy="heads")
@@ -202,7 +202,7 @@ def test_fused_attention_op_is_named_and_the_mlp_still_split(tmp_path: Path) -> 
     graph = load(tmp_path / "mha.onnx")
     split = split_transformer(graph, Cluster.simulated(2))
     assert [s.node for s in split.skipped] == ["mha"] and "MultiHeadAttention" in split.skipped[0].reason
-    assert [r["layers"] for r in split.graph.regions] == [["up", "act", "down"]]
+    assert [list(r.layers) for r in split.graph.regions] == [["up", "act", "down"]]
     _check_plan(graph, cut(split.graph, Cluster.simulated(2), split.placement), {"batch": 1, "seq": 3})
 
 
@@ -214,9 +214,9 @@ def test_regions_survive_plan_save_and_load(models, tmp_path: Path) -> None:
     regions = json.loads((tmp_path / "plan" / "plan.json").read_text())["regions"]
     assert loaded.regions == plan.regions and len(regions) == 4
     for r in regions:
-        assert set(r) >= {"name", "kind", "layers", "combine", "parts", "fill"}
-        assert all(set(p) >= {"nodes", "output", "device", "share", "replicas"} for p in r["parts"])
-        assert r["combine"] in {n for s in loaded.stages for n in s.layers}
+        assert set(r) >= {"name", "kind", "layers", "units", "combine", "combine_node", "parts", "fill"}
+        assert all(set(p) >= {"units", "nodes", "output", "device", "share", "replicas"} for p in r["parts"])
+        assert r["combine_node"] in {n for s in loaded.stages for n in s.layers}
     _check_plan(graph, loaded)
 
 

@@ -19,8 +19,8 @@ def test_shipped_vit_head_split_matches_whole_model(speeds):
     assert {s.device for s in plan.stages} == set(cluster.names)
     sums_per_block = {}
     for region in plan.regions:
-        if region["kind"] in ("heads", "neurons"):
-            block = region["name"].split("/")[2]
+        if region.kind in ("heads", "neurons"):
+            block = region.name.split("/")[2]
             sums_per_block[block] = sums_per_block.get(block, 0) + 1
     assert sums_per_block and set(sums_per_block.values()) == {2}  # one reduction per attention and per MLP
     x = {"input": np.random.default_rng(len(speeds)).random((3, 1, 28, 28), dtype=np.float32)}

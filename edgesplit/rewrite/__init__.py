@@ -1,4 +1,4 @@
-"""rewrite: horizontal splits as graph rewrites (parts + combine), recorded in `edgesplit.regions`.
+"""rewrite: horizontal splits as graph rewrites (parts + combine), recorded as typed regions (`edgesplit.layout`).
 
 `apply(graph, cluster, requests)` runs the spatial requests, then the channel requests, and returns a Graph that
 computes the same outputs, carries the source model's hash, and lists every region with its parts and devices.
@@ -6,12 +6,11 @@ computes the same outputs, carries the source model's hash, and lists every regi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from edgesplit.cluster import Cluster
-from edgesplit.graph import REGIONS_KEY, Graph
+from edgesplit.graph import Graph
 from edgesplit.rewrite import channels, spatial
 from edgesplit.rewrite.base import CHANNEL_KINDS, KINDS, SPATIAL_KINDS, SplitError, SplitRequest
 from edgesplit.rewrite.fused import region_stats
@@ -28,8 +27,7 @@ def apply(graph: Graph, cluster: Cluster, requests: Sequence[SplitRequest],
     if spatial_reqs:
         out = spatial.rewrite(out, cluster, spatial_reqs, dims)
     if channel_reqs:
-        claimed = {n for r in out.regions for p in r["parts"] for n in p["nodes"]} | \
-                  {l for r in out.regions for l in r["layers"]}
+        claimed = {n for r in out.regions for n in r.nodes} | {l for r in out.regions for l in r.layers}
         for r in channel_reqs:
             taken = [l for l in r.layers if l in claimed or not out.has_layer(l)]
             if taken:
@@ -38,10 +36,7 @@ def apply(graph: Graph, cluster: Cluster, requests: Sequence[SplitRequest],
         out = channels.rewrite(out, cluster, channel_reqs, dims)
     if out is graph:
         return graph
-    new = tuple(r if "macs" in r else {**r, **region_stats(graph, out, r)} for r in out.regions)
-    for p in list(out.model.metadata_props):
-        if p.key == REGIONS_KEY:
-            p.value = json.dumps(list(new))
+    new = tuple(r if r.stats is not None else replace(r, stats=region_stats(graph, out, r)) for r in out.regions)
     return replace(out, regions=new)
 
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
+from edgesplit.layout import Region
 
 
 def placement(graph: Graph, cluster: Cluster, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -19,13 +20,15 @@ def placement(graph: Graph, cluster: Cluster, base: Mapping[str, str] | None = N
     base = dict(base or {})
     device: dict[str, str] = {}
     scatter: set[str] = set()
-    combine_of: dict[str, dict] = {}
+    combine_of: dict[str, Region] = {}
     for region in graph.regions:
-        for part in region["parts"]:
-            for n in part["nodes"]:
-                device[n] = part["device"]
-        scatter.update(region.get("scatter", ()))
-        for n in region.get("combine_nodes") or [region["combine"]]:
+        for part in region.parts:
+            for n in part.nodes:
+                device[n] = part.device
+            for r in part.replicas:
+                device.update(dict.fromkeys(r.nodes, r.device))
+        scatter.update(region.scatter)
+        for n in region.combine_nodes or (region.combine_node,):
             combine_of[n] = region
     producers, consumers = graph.producers(), graph.consumers()
     first = cluster.devices[0].name
@@ -57,16 +60,16 @@ def placement(graph: Graph, cluster: Cluster, base: Mapping[str, str] | None = N
 
 def _part_device(graph: Graph, users: list[str]) -> str | None:
     for region in graph.regions:
-        for part in region["parts"]:
-            if any(u in part["nodes"] for u in users):
-                return part["device"]
+        for part in region.parts:
+            if any(u in part.nodes for u in users):
+                return part.device
     return None
 
 
-def _combine_device(graph: Graph, region: Mapping, tensor: str, base: Mapping[str, str], consumers) -> str:
-    devices = [p["device"] for p in region["parts"]]
+def _combine_device(graph: Graph, region: Region, tensor: str, base: Mapping[str, str], consumers) -> str:
+    devices = [p.device for p in region.parts]
     for user in consumers.get(tensor, []):
         if base.get(user) in devices:
             return base[user]
-    best = max(range(len(devices)), key=lambda i: (region["parts"][i]["share"], -i))
+    best = max(range(len(devices)), key=lambda i: (region.parts[i].share, -i))
     return devices[best]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,12 +12,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgesplit import layout
 from edgesplit.cluster import Cluster
 from edgesplit.errors import EdgesplitError
-from edgesplit.graph import REGIONS_KEY, Graph, from_model, node_references
+from edgesplit.graph import Graph, from_model, node_references
+from edgesplit.layout import Combine, Fill, Part, Region, SplitKind
 
-CHANNEL_KINDS = ("lop", "lip", "fused-channels")
-SPATIAL_KINDS = ("height", "width", "grid", "fused-spatial")
+CHANNEL_KINDS = tuple(k.value for k in layout.CHANNEL_KINDS)
+SPATIAL_KINDS = tuple(k.value for k in layout.SPATIAL_KINDS)
 KINDS = CHANNEL_KINDS + SPATIAL_KINDS
 
 
@@ -99,15 +100,18 @@ def ranges_from(total: int, weights: Sequence[float], points: Sequence[int] | No
 
 @dataclass
 class PartRecord:
+    """A part under construction (see `edgesplit.layout.Part`)."""
+
     device: str | None
     share: float
     nodes: list[str] = field(default_factory=list)
     output: str = ""
+    units: tuple[int, ...] = ()
 
 
 @dataclass
 class RegionRecord:
-    """A region under construction; `to_dict` gives the shared `edgesplit.regions` format."""
+    """A region under construction; `freeze` gives the `edgesplit.layout.Region` it becomes."""
 
     name: str
     kind: str
@@ -117,17 +121,18 @@ class RegionRecord:
     combine_nodes: list[str] = field(default_factory=list)  # all combine nodes (grid: row concats + final)
     scatter: list[str] = field(default_factory=list)  # Slice nodes that cut a region input (run at the producer)
     axis: int = 1
+    units: int = 0
+    merge: Combine = Combine.CONCAT
 
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name, "kind": self.kind, "layers": list(self.layers), "combine": self.combine,
-            "parts": [{"nodes": p.nodes, "output": p.output, "device": p.device, "share": round(p.share, 6),
-                       "replicas": []} for p in self.parts],
-            "fill": "zeros",
-            "combine_nodes": list(self.combine_nodes or [self.combine]),
-            "scatter": list(self.scatter),
-            "axis": self.axis,
-        }
+    def set_units(self, ranges: Sequence[tuple[int, int]]) -> None:
+        for p, (a, b) in zip(self.parts, ranges):
+            p.units = tuple(range(a, b))
+        self.units = max(b for _, b in ranges)
+
+    def freeze(self) -> Region:
+        parts = tuple(Part(p.units, p.output, tuple(p.nodes), p.device, p.share) for p in self.parts)
+        return Region(self.name, SplitKind(self.kind), tuple(self.layers), self.units, self.merge, self.combine,
+                      parts, self.axis, Fill.ZEROS, tuple(self.combine_nodes or [self.combine]), tuple(self.scatter))
 
 
 class Editor:
@@ -140,9 +145,9 @@ class Editor:
         self.inits: dict[str, onnx.TensorProto] = {t.name: t for t in self.model.graph.initializer}
         self.nodes: list[onnx.NodeProto] = list(self.model.graph.node)
         self.names: set[str] = {n.name for n in self.nodes} | set(graph.tensors)
-        self.regions: list[dict] = list(graph.regions)
-        self.claimed: set[str] = {n for r in graph.regions for p in r["parts"] for n in p["nodes"]}
-        self.covered: set[str] = {layer for r in graph.regions for layer in r["layers"]}  # original layers replaced
+        self.regions: list[Region] = list(graph.regions)
+        self.claimed: set[str] = {n for r in graph.regions for n in r.nodes}
+        self.covered: set[str] = {layer for r in graph.regions for layer in r.layers}  # original layers replaced
 
     def node(self, name: str) -> onnx.NodeProto:
         for n in self.nodes:
@@ -218,13 +223,9 @@ class Editor:
         del g.initializer[:]
         g.initializer.extend(t for name, t in self.inits.items() if name in used)
         del g.value_info[:]
-        regions = self.regions + [r.to_dict() for r in new_regions]
-        for p in list(self.model.metadata_props):
-            if p.key == REGIONS_KEY:
-                self.model.metadata_props.remove(p)
-        self.model.metadata_props.add(key=REGIONS_KEY, value=json.dumps(regions))
+        regions = (*self.regions, *(r.freeze() for r in new_regions))
         new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
-        return replace(new, path=self.graph.path)
+        return replace(new, path=self.graph.path, regions=regions)
 
 
 def topological_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from edgesplit.cluster import Cluster
+from edgesplit.layout import Combine
 from edgesplit.graph import Graph
 from edgesplit.rewrite.base import (
     Editor, PartRecord, RegionRecord, SplitError, SplitRequest, attr, ranges_from, static_shape, weights_for,
@@ -60,6 +61,7 @@ class ChannelEngine:
         self.why: dict[str, str] = {}  # layer -> why it did not follow a split
         self.fan_ok: set[str] = set()  # split tensors whose several consumers all follow (e.g. x * sigmoid(x))
         self.fan_checked: set[str] = set()
+        self.bias: dict[str, str] = {}  # partial-sum tensor -> the bias its combine adds
 
     # ----- driver -------------------------------------------------------------------------------------------
     def run(self, requests: Sequence[SplitRequest]) -> list[RegionRecord]:
@@ -263,11 +265,7 @@ class ChannelEngine:
             if t in self.split:
                 s = self.split.pop(t)
                 inputs.extend(s.parts)
-                region = self._root(s.region)
-                region.combine = node.name
-                region.combine_nodes.append(node.name)
-                for p, out in zip(region.parts, s.parts):
-                    p.output = out
+                self._combined(self._root(s.region), node.name, s)
             else:
                 inputs.append(t)
         del node.input[:]
@@ -280,13 +278,28 @@ class ChannelEngine:
             return
         region = self._root(s.region)
         base = f"{region.layers[0]}/combine"
+        bias = self.bias.pop(tensor, None) if s.partial else None
+        if bias is not None:
+            node = self.ed.make("Sum", s.parts, base)
+            add = self.ed.make("Add", [node.output[0], bias], f"{base}/bias", outputs=[tensor])
+            self._combined(region, node.name, s)
+            region.combine_nodes.append(add.name)
+            self._emit(None, [node, add])
+            return
         node = self.ed.make("Sum", s.parts, base, outputs=[tensor]) if s.partial else \
             self.ed.make("Concat", s.parts, base, {"axis": s.axis}, outputs=[tensor])
-        region.combine = node.name
-        region.combine_nodes.append(node.name)
+        self._combined(region, node.name, s)
+        self._emit(None, [node])
+
+    @staticmethod
+    def _combined(region: RegionRecord, node: str, s: Split) -> None:
+        region.combine = node
+        region.combine_nodes.append(node)
+        region.merge = Combine.SUM if s.partial else Combine.CONCAT
+        region.axis = s.axis
+        region.set_units(s.ranges)
         for p, out in zip(region.parts, s.parts):
             p.output = out
-        self._emit(None, [node])
 
 
 # ----- lop / lip rules: (engine, node, weights, points) -> (axis, ranges, build(i, a, b) -> (nodes, scatter)) ---
@@ -369,7 +382,7 @@ def _input_axis(e: ChannelEngine, node: onnx.NodeProto) -> int:
 
 
 def _lip(e: ChannelEngine, node, weights, points, given: Split | None = None):
-    """Input-channel split of Conv (group 1), Gemm, MatMul: weight slices, bias on part 0, combine Sum."""
+    """Input-channel split of Conv (group 1), Gemm, MatMul: weight slices, combine Sum, then the bias."""
     op = node.op_type
     if op == "Conv":
         w = _weight(e, node, 1, "weight W")
@@ -390,8 +403,8 @@ def _lip(e: ChannelEngine, node, weights, points, given: Split | None = None):
             raise SplitError(f"layer {node.name!r} (MatMul): expected a 2-D constant weight, got shape {list(w.shape)}")
         k, wslice = w.shape[0], (lambda a, b: w[a:b])
     axis = _input_axis(e, node)
-    bias_index = 2
-    has_bias = len(node.input) > bias_index and bool(node.input[bias_index])
+    if len(node.input) > 2 and node.input[2]:  # added once after the Sum: every part is a pure partial sum
+        e.bias[node.output[0]] = _lip_bias(e, node)
     if given is not None:
         if given.axis != axis or given.ranges[-1][1] != k:
             return None, None, (f"{node.name!r} ({op}) reads the split along axis {axis} with {k} inputs, but the "
@@ -407,12 +420,22 @@ def _lip(e: ChannelEngine, node, weights, points, given: Split | None = None):
         if given is None:
             cut = e.ed.slice_node(x, [axis], [a], [b], f"{p}/scatter")
             scatter, x = [cut], cut.output[0]
-        ins = [x, e.ed.const(f"{p}/W", wslice(a, b))]
-        if has_bias and i == 0:
-            ins.append(node.input[bias_index])
-        return [e.ed.clone(node, p, ins)], scatter
+        return [e.ed.clone(node, p, [x, e.ed.const(f"{p}/W", wslice(a, b))])], scatter
 
     return axis, ranges, build
+
+
+def _lip_bias(e: ChannelEngine, node: onnx.NodeProto) -> str:
+    """The bias term of a layer split by input channels, shaped to add to the summed parts."""
+    bias = e.ed.array(node.input[2]) if e.ed.is_const(node.input[2]) else None
+    if bias is None:
+        raise SplitError(f"layer {node.name!r} ({node.op_type}): its bias is not a constant; expected an initializer")
+    if node.op_type == "Conv":  # [C] -> [C, 1, ...] against [N, C, spatial...]
+        rank = len(e.graph.tensors[node.output[0]].shape)
+        bias = bias.reshape(-1, *([1] * (rank - 2)))
+    elif node.op_type == "Gemm":
+        bias = bias * np.asarray(attr(node, "beta", 1.0), dtype=bias.dtype)
+    return e.ed.const(f"{node.name}/bias", bias)
 
 
 LOP: dict[str, Callable] = {"Conv": _conv_lop, "Gemm": _gemm_lop, "MatMul": _matmul_lop}

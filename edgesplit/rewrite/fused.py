@@ -13,6 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
+from edgesplit.layout import Region, RegionStats
 from edgesplit.rewrite.base import Editor, SplitError, SplitRequest, attr
 from edgesplit.rewrite.channels import BINARY, POOLS, UNARY, fan_closure
 from edgesplit.rewrite.spatial import GLOBAL, WINDOWED, SpatialPlanner, supported
@@ -139,17 +140,15 @@ def planned_overhead(graph: Graph, planner: SpatialPlanner) -> float:
     return done / own - 1.0
 
 
-def region_stats(original: Graph, rewritten: Graph, region: Mapping) -> dict:
+def region_stats(original: Graph, rewritten: Graph, region: Region) -> RegionStats:
     """MACs of the parts against the covered layers' own (redundant MACs = halo cost), and halo bytes."""
-    own = sum(original.layer(n).macs for n in region["layers"] if original.has_layer(n))
-    done = sum(rewritten.layer(n).macs for p in region["parts"] for n in p["nodes"] if rewritten.has_layer(n))
-    scatter_in = {rewritten.layer(n).inputs[0] for n in region.get("scatter", ()) if rewritten.has_layer(n)}
-    scattered = sum(rewritten.tensors[rewritten.layer(n).outputs[0]].nbytes
-                    for n in region.get("scatter", ()) if rewritten.has_layer(n))
-    whole = sum(rewritten.tensors[t].nbytes for t in scatter_in)
-    halo = max(0, scattered - whole) if region["kind"] in ("height", "width", "grid", "fused-spatial") else 0
-    nodes = [rewritten.layer(n) for p in region["parts"] for n in p["nodes"] if rewritten.has_layer(n)]
+    own = sum(original.layer(n).macs for n in region.layers if original.has_layer(n))
+    done = sum(rewritten.layer(n).macs for n in region.nodes if rewritten.has_layer(n))
+    scatter = [rewritten.layer(n) for n in region.scatter if rewritten.has_layer(n)]
+    scattered = sum(rewritten.tensors[layer.outputs[0]].nbytes for layer in scatter)
+    whole = sum(rewritten.tensors[t].nbytes for t in {layer.inputs[0] for layer in scatter})
+    halo = max(0, scattered - whole) if region.kind.spatial else 0
+    nodes = [rewritten.layer(n) for n in region.nodes if rewritten.has_layer(n)]
     inside = {t for n in nodes for t in n.outputs}
     reads = {t for n in nodes for t in n.inputs}
-    return {"macs": int(own), "part_macs": int(done), "redundant_macs": int(max(0, done - own)),
-            "halo_bytes": int(halo), "inputs": sorted(reads - inside)}
+    return RegionStats(int(own), int(done), int(halo), tuple(sorted(reads - inside)))

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from edgesplit.cluster import Cluster
+from edgesplit.layout import Combine
 from edgesplit.graph import Graph
 from edgesplit.rewrite.base import (
     Editor, PartRecord, RegionRecord, SplitError, SplitRequest, attr, ranges_from, static_shape, weights_for,
@@ -304,6 +305,12 @@ def _combine(ed: Editor, sp: SpatialPlanner, region: RegionRecord) -> list[onnx.
         nodes = row_nodes + [ed.make("Concat", [n.output[0] for n in row_nodes], base, {"axis": 2}, outputs=[sp.out])]
     region.combine = nodes[-1].name
     region.combine_nodes = [n.name for n in nodes]
+    if sp.reduce:
+        region.merge = Combine.SUM if sp.last.op_type == "GlobalAveragePool" else Combine.MAX
+    if len(sp.axes) == 1:
+        region.set_units([box[sp.axes[0]] for box in sp.tiles])
+    else:  # a grid's units are its tiles, row-major
+        region.set_units([(i, i + 1) for i in range(len(sp.tiles))])
     return nodes
 
 

@@ -15,11 +15,13 @@ def placement(graph: Graph, base: Graph, regions: Sequence[Region], block_of, ro
     device: dict[str, str] = {}
     combine_block: dict[str, int] = {}
     for r in graph.regions:
-        for part in r["parts"]:
-            for n in part["nodes"]:
-                device[n] = part["device"]
-        if r.get("block") is not None:
-            combine_block[r["combine"]] = r["block"]
+        for part in r.parts:
+            for n in part.nodes:
+                device[n] = part.device
+            for rep in part.replicas:
+                device.update(dict.fromkeys(rep.nodes, rep.device))
+        if r.block is not None:
+            combine_block[r.combine_node] = r.block
     region_block = {n: b for reg, b in zip(regions, block_of) for n in reg.nodes}
     pos = {n.name: i for i, n in enumerate(base.model.graph.node)}
     exits = sorted((pos[reg.exit], b) for reg, b in zip(regions, block_of))

@@ -15,7 +15,6 @@ sample inputs before it is returned; what is not recognised is reported (`skippe
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgesplit.cluster import Cluster
-from edgesplit.graph import REGIONS_KEY, Graph, from_model, node_references
+from edgesplit.graph import Graph, from_model, node_references
+from edgesplit.layout import Combine, Part, SplitKind
+from edgesplit.layout import Region as TypedRegion
 from edgesplit.place import check_memory
 from edgesplit.plan import Plan, cut
 from edgesplit.rewrite import concrete as concrete_run
@@ -476,15 +477,13 @@ class _Builder:
         ind = self._init(f"{name}.indices", keep.astype(np.int64))
         return self._node(part, "Gather", [tensor, ind], [f"{name}.sliced"], f"{name}.slice", axis=axis)
 
-    def _gather(self, region: Region, lab, tensor: str, parts: list[_Part], block: int) -> dict:
+    def _gather(self, region: Region, lab, tensor: str, parts: list[_Part], block: int) -> TypedRegion:
         s = lab.tensors[tensor]
         classes = lab.classes(s.labels)
         order = np.concatenate([np.flatnonzero(np.isin(classes, sorted(part.classes))) for part in parts])
         name = f"{tensor}.gather"
         pieces = [f"{tensor}.p{p}" for p in range(len(parts))]
-        gparts = [_Part(part.device, part.classes, part.share, [f"{self.nodes[n].name}.p{p}" for n in region.nodes
-                                                                if tensor in self.nodes[n].output], pieces[p])
-                  for p, part in enumerate(parts)]
+        gparts = [_Part(part.device, part.classes, part.share, [], pieces[p]) for p, part in enumerate(parts)]
         if np.array_equal(order, np.arange(len(order))):
             self.added.append(helper.make_node("Concat", pieces, [tensor], name=name, axis=s.axis))
         else:
@@ -492,9 +491,9 @@ class _Builder:
             inv = self._init(f"{tensor}.order", np.argsort(order).astype(np.int64))
             self.added.append(helper.make_node("Gather", [f"{tensor}.cat", inv], [tensor], name=f"{name}.order",
                                                axis=s.axis))
-        return _record(f"gather:{tensor}", region.kind, (), name, gparts, block)
+        return _record(f"gather:{tensor}", region.kind, (), name, gparts, block, Combine.CONCAT)
 
-    def split_vocab(self, head: onnx.NodeProto, devices: Sequence[str], weight, argmax: bool = False) -> dict:
+    def split_vocab(self, head: onnx.NodeProto, devices: Sequence[str], weight, argmax: bool = False) -> TypedRegion:
         w = self._arr(head.input[1])
         trans_b = head.op_type == "Gemm" and _attr(head, "transB", 0)
         vocab = w.shape[0] if trans_b else w.shape[1]
@@ -520,10 +519,11 @@ class _Builder:
             parts.append(part)
         self.removed.add(head.name)
         if argmax:
-            return self._argmax_combine(head, parts)
+            return self._argmax_combine(head, parts, sizes)
         name = f"{head.name}.concat"
         self.added.append(helper.make_node("Concat", [p.output for p in parts], [head.output[0]], name=name, axis=-1))
-        return _record(f"vocab:{head.name}", "vocab", (head.name,), name, parts, None)
+        return _record(f"vocab:{head.name}", "vocab", (head.name,), name, parts, None, Combine.CONCAT,
+                       _column_units(sizes))
 
     def _winner(self, part: _Part, logits: str, offset: int) -> str:
         """The part's best logit and its vocabulary index (as a float: exact below 2^24) side by side: [..., 2]."""
@@ -539,7 +539,7 @@ class _Builder:
         where = self._node(part, "CastLike", [where, best], [f"{base}.findex"], f"{base}.findex")
         return self._node(part, "Concat", [best, where], [f"{base}.winner"], f"{base}.winner", axis=-1)
 
-    def _argmax_combine(self, head: onnx.NodeProto, parts: list[_Part]) -> dict:
+    def _argmax_combine(self, head: onnx.NodeProto, parts: list[_Part], sizes: Sequence[int]) -> TypedRegion:
         """Only the parts' winners cross devices; the model's logits output becomes `<logits>.argmax` (token ids)."""
         out = head.output[0]
         c = lambda suffix, v: self._init(f"{out}.{suffix}", np.array(v, dtype=np.int64))
@@ -560,11 +560,10 @@ class _Builder:
         ]
         self.added.extend(nodes)
         self.argmax_outputs[out] = f"{out}.argmax"
-        record = _record(f"vocab:{head.name}", "vocab", (head.name,), nodes[0].name, parts, None)
-        record["combine_nodes"] = [n.name for n in nodes]
-        return record
+        return _record(f"vocab:{head.name}", "vocab", (head.name,), nodes[0].name, parts, None, Combine.ARGMAX,
+                       _column_units(sizes), [n.name for n in nodes])
 
-    def finish(self, records: list[dict]) -> Graph:
+    def finish(self, records: list[TypedRegion]) -> Graph:
         m = self.model
         nodes = [n for n in m.graph.node if n.name not in self.removed] + self.added
         del m.graph.node[:]
@@ -584,15 +583,11 @@ class _Builder:
         del m.graph.value_info[:]
         m.graph.value_info.extend(kept)
         alive = {n.name for n in m.graph.node}
-        for r in records:  # replicas of side inputs that ended up unused were dropped with the dead code
-            for part in r["parts"]:
-                part["nodes"] = [n for n in part["nodes"] if n in alive]
-        regions = list(self.graph.regions) + records
-        for prop in list(m.metadata_props):
-            if prop.key == REGIONS_KEY:
-                m.metadata_props.remove(prop)
-        m.metadata_props.add(key=REGIONS_KEY, value=json.dumps(regions))
-        return from_model(m, name=self.graph.name, sha256=self.graph.sha256)
+        # replicas of side inputs that ended up unused were dropped with the dead code
+        kept_regions = tuple(r.with_parts([replace(p, nodes=tuple(n for n in p.nodes if n in alive)) for p in r.parts])
+                             for r in records)
+        return replace(from_model(m, name=self.graph.name, sha256=self.graph.sha256),
+                       regions=(*self.graph.regions, *kept_regions))
 
 
 def _row(mask: np.ndarray, tensor: str) -> np.ndarray:
@@ -626,13 +621,21 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _record(name: str, kind: str, layers, combine: str, parts: Sequence[_Part], block: int | None) -> dict:
-    return {
-        "name": name, "kind": kind, "layers": list(layers), "combine": combine,
-        "parts": [{"nodes": list(p.nodes), "output": p.output, "device": p.device, "share": round(p.share, 6),
-                   "replicas": []} for p in parts],
-        "fill": "zeros", "block": block,
-    }
+def _record(name: str, kind: str, layers, combine: str, parts: Sequence[_Part], block: int | None,
+            merge: Combine = Combine.SUM, units: Sequence[tuple[int, ...]] | None = None,
+            combine_nodes: Sequence[str] = ()) -> TypedRegion:
+    """The typed region; a part's units are the indices of its head groups / neurons among the region's."""
+    if units is None:
+        index = {c: i for i, c in enumerate(sorted({c for p in parts for c in p.classes}))}
+        units = [tuple(sorted(index[c] for c in p.classes)) for p in parts]
+    typed = tuple(Part(u, p.output, tuple(p.nodes), p.device, round(p.share, 6)) for p, u in zip(parts, units))
+    return TypedRegion(name, SplitKind(kind), tuple(layers), sum(len(u) for u in units), merge, combine, typed,
+                       axis=-1, combine_nodes=tuple(combine_nodes or (combine,)), block=block)
+
+
+def _column_units(sizes: Sequence[int]) -> list[tuple[int, ...]]:
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    return [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _sizes(total: int, weights: Sequence[float], what: str, allow_idle: bool = False) -> list[int]:

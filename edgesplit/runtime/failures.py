@@ -1,9 +1,10 @@
 """Failure sets: which stages run, which part outputs come from a replica or are filled, and the typed events.
 
 Both executors route every request through `route(...)`: stages on a down device do not run; a stage input that is
-the output of a region's part is taken from a live replica, else filled (when degraded answers are allowed and the
-region's fill is "zeros"); any other missing tensor makes the request fail with `DeviceFailedError` naming the
-device and stage at the root of the loss. Stages whose outputs nobody needs are not run (replicas are cold standby).
+the output of a lost part is rebuilt from the live replicas of its units (several, on different devices), the units
+none holds filled (only when degraded answers are allowed and the region has a fill); any other missing tensor makes
+the request fail with `DeviceFailedError` naming the device and stage at the root of the loss. Stages whose outputs
+nobody needs are not run: standby replicas run only for a loss, hot ones on every request.
 """
 
 from __future__ import annotations
@@ -15,72 +16,65 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgesplit.errors import DeviceFailedError, PlanError
+from edgesplit.layout import Combine, Part, Region, ReplicaMode
 from edgesplit.plan import Plan
 from edgesplit.runtime.stages import Declared, StageSpec, bind_dims, declared, stage_specs
 
-FILLS = ("zeros",)
-
-
 @dataclass(frozen=True)
-class Replica:
-    device: str
-    output: str
-
-
-@dataclass(frozen=True)
-class Part:
-    output: str
-    device: str | None
-    replicas: tuple[Replica, ...]
-
-
-@dataclass(frozen=True)
-class Region:
-    name: str
-    combine: str
-    fill: str | None
-    parts: tuple[Part, ...]
-
-
-def parse_regions(raw: Iterable[Mapping]) -> tuple[Region, ...]:
-    """The plan's `regions` entries as typed data; every malformed entry is reported at once."""
-    regions, problems = [], []
-    for i, r in enumerate(raw):
-        try:
-            fill = r.get("fill", "zeros")
-            if fill not in (*FILLS, None):
-                problems.append(f"regions[{i}] ({r.get('name')}): expected fill one of {list(FILLS)} or null, "
-                                f"got {fill!r}")
-            parts = tuple(
-                Part(p["output"], p.get("device"),
-                     tuple(Replica(x["device"], x["output"]) for x in p.get("replicas") or ()))
-                for p in r["parts"]
-            )
-            regions.append(Region(r["name"], r["combine"], fill, parts))
-        except (KeyError, TypeError) as exc:
-            problems.append(f"regions[{i}]: expected name, combine and parts with an output each, missing {exc}")
-    if problems:
-        raise PlanError("invalid regions in plan:\n  " + "\n  ".join(problems))
-    return tuple(regions)
-
-
-@dataclass(frozen=True)
-class Fill:
-    """A part output replaced by zeros of its declared type; symbolic dims are bound per request."""
+class Piece:
+    """A replica's output standing in for some of a lost part's units: `positions` index the part's units."""
 
     tensor: str
+    positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """How the output of a lost part is rebuilt: from replicas' pieces, the units no piece holds filled.
+
+    Concat: each piece is placed at its positions along `axis`; Sum: the pieces' partial sums are added (a lost
+    unit contributes zeros); Max: the pieces' maxima. With no pieces, the output is filled whole from its declared
+    type (symbolic dims bound per request).
+    """
+
+    tensor: str
+    combine: Combine
+    axis: int
+    size: int  # units of the part
+    pieces: tuple[Piece, ...]
     dtype: str
     shape: tuple[int | str | None, ...]
+    filled: tuple[int, ...]  # positions no piece holds
 
-    def resolved(self, dims: Mapping[str, int]) -> Fill:
+    @property
+    def degraded(self) -> bool:
+        return bool(self.filled)
+
+    def array(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
+        got = [pieces[p.tensor] for p in self.pieces]
+        if not got:
+            return np.zeros(self._shape(dims or {}), dtype=self.dtype)
+        if self.combine is Combine.SUM:
+            return np.sum(got, axis=0, dtype=self.dtype) if len(got) > 1 else got[0]
+        if self.combine is Combine.MAX:
+            return np.maximum.reduce(got) if len(got) > 1 else got[0]
+        if len(got) == 1 and self.pieces[0].positions == tuple(range(self.size)):
+            return got[0]
+        shape = list(got[0].shape)
+        shape[self.axis] = self.size
+        out = np.zeros(shape, dtype=got[0].dtype)
+        for piece, value in zip(self.pieces, got):
+            index = [slice(None)] * out.ndim
+            index[self.axis] = list(piece.positions)
+            out[tuple(index)] = value
+        return out
+
+    def _shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
         shape = [d if isinstance(d, int) else dims.get(d) if d else None for d in self.shape]
         if any(d is None for d in shape):
             raise PlanError(f"cannot fill missing part {self.tensor!r}: its shape {list(self.shape)} has a dimension "
                             f"not bound by the model inputs ({dict(dims)})")
-        return Fill(self.tensor, self.dtype, tuple(shape))
-
-    def array(self, dims: Mapping[str, int] | None = None) -> np.ndarray:
-        return np.zeros(self.resolved(dims or {}).shape, dtype=self.dtype)
+        return tuple(int(d) for d in shape)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -88,16 +82,18 @@ class Route:
     """How one request runs under a failure set."""
 
     stages: tuple[StageSpec, ...]  # to run, in an order where producers come first
-    sources: Mapping[str, str]  # part output -> replica output that stands in for it
-    fills: Mapping[str, Fill]  # part output -> zeros
-    missing_devices: tuple[str, ...]  # down devices whose parts were filled
+    stand_ins: Mapping[str, StandIn]  # lost part output -> how it is rebuilt
+    missing_devices: tuple[str, ...]  # down devices some of whose units were filled
 
     @property
     def devices(self) -> frozenset[str]:
         return frozenset(s.device for s in self.stages)
 
-    def source(self, tensor: str) -> str:
-        return self.sources.get(tensor, tensor)
+
+@dataclass(frozen=True)
+class _Lost:
+    region: Region
+    part: Part
 
 
 def route(
@@ -109,11 +105,10 @@ def route(
     down: frozenset[str] = frozenset(),
     allow_degraded: bool = False,
 ) -> Route:
-    """The stages to run and the substitutions to make when the devices in `down` are lost."""
-    part_of = {p.output: (r, p) for r in regions for p in r.parts}
+    """The stages to run and the stand-ins to build when the devices in `down` are lost."""
+    part_of = {p.output: _Lost(r, p) for r in regions for p in r.parts}
     available = set(inputs)
-    sources: dict[str, str] = {}
-    fills: dict[str, Fill] = {}
+    stand_ins: dict[str, StandIn] = {}
     done: list[StageSpec] = []
     pending = [s for s in specs if s.device not in down]
     while True:  # a fixed point, because a replica may sit in a stage that comes later in the plan's order
@@ -121,60 +116,80 @@ def route(
         while progress:
             progress = False
             for spec in list(pending):
-                if all(t in available or _stand_in(t, part_of, available) for t in spec.inputs):
-                    sources.update({t: _stand_in(t, part_of, available) for t in spec.inputs if t not in available})
+                whole = {t: _stand_in(part_of[t], available, declared) for t in spec.inputs
+                         if t not in available and t in part_of and part_of[t].part.device in down}
+                if all(t in available or (t in whole and not whole[t].degraded) for t in spec.inputs):
+                    stand_ins.update(whole)
                     done.append(spec)
                     pending.remove(spec)
                     available.update(spec.outputs)
                     progress = True
-        # only when nothing else can run: a replica that is still coming wins over zeros
-        if not (allow_degraded and _fill_one(pending, part_of, available, declared, fills)):
+        # only when nothing else can run: a replica that is still coming wins over a fill
+        if not (allow_degraded and _fill_one(pending, part_of, available, declared, stand_ins)):
             break
     need = list(outputs)
     for t in need:
         if t not in available:
-            device, stage = _root(t, specs, down, available)
-            message = f"device {device!r} is down and stage {stage!r} has no live replica or fallback"
-            fillable = sorted({part_of[p][0].name for p in part_of if p not in available and part_of[p][0].fill})
-            if fillable and not allow_degraded:
-                message += f"; region(s) {fillable} could be answered degraded (allow degraded answers to get zeros)"
-            raise DeviceFailedError(device, stage, message)
-    kept = _needed(done, need, sources)
-    used_sources = {t: s for t, s in sources.items() if any(t in k.inputs for k in kept)}
-    used_fills = {t: f for t, f in fills.items() if any(t in k.inputs for k in kept)}
-    missing = sorted({_root(t, specs, down, available)[0] for t in used_fills})
-    return Route(tuple(kept), used_sources, used_fills, tuple(missing))
+            raise _failure(t, specs, down, available, part_of, allow_degraded)
+    kept = _needed(done, need, stand_ins, regions)
+    inputs_kept = {t for k in kept for t in k.inputs}
+    used = {t: s for t, s in stand_ins.items() if t in inputs_kept}
+    missing = sorted({part_of[t].part.device for t, s in used.items() if s.degraded} - {None})
+    return Route(tuple(kept), used, tuple(m for m in missing if m is not None))
 
 
-def _fill_one(pending: list[StageSpec], part_of: Mapping[str, tuple[Region, Part]], available: set[str],
-              declared: Mapping[str, Declared], fills: dict[str, Fill]) -> bool:
-    """Fill the missing part outputs of the first blocked stage that only lacks fillable parts."""
+def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]) -> StandIn:
+    """The part rebuilt from the replicas computed so far (largest first, each unit taken once)."""
+    position = {u: i for i, u in enumerate(lost.part.units)}
+    pieces, have = [], set()
+    for rep in sorted(lost.part.replicas, key=lambda r: -len(r.units)):
+        if rep.output in available and not set(rep.units) <= have:
+            if lost.region.combine is not Combine.CONCAT and set(rep.units) & have:
+                continue  # overlapping partial sums would count a unit twice
+            pieces.append(Piece(rep.output, tuple(position[u] for u in rep.units)))
+            have.update(rep.units)
+    d = declared.get(lost.part.output)
+    if d is None and not pieces:
+        raise PlanError(f"cannot fill missing part {lost.part.output!r}: no stage declares its type")
+    filled = tuple(i for u, i in position.items() if u not in have)
+    return StandIn(lost.part.output, lost.region.combine, lost.region.axis, len(lost.part.units), tuple(pieces),
+                   d.dtype if d else "float32", d.shape if d else (), filled)
+
+
+def _fill_one(pending: list[StageSpec], part_of: Mapping[str, _Lost], available: set[str],
+              declared: Mapping[str, Declared], stand_ins: dict[str, StandIn]) -> bool:
+    """Rebuild, with fills, the missing part outputs of the first blocked stage that only lacks fillable parts."""
     for spec in pending:
         missing = [t for t in spec.inputs if t not in available]
-        if all(t in part_of and part_of[t][0].fill == "zeros" for t in missing):
+        if all(t in part_of and part_of[t].region.fill is not None for t in missing):
             for t in missing:
-                d = declared.get(t)
-                if d is None:
-                    raise PlanError(f"cannot fill missing part {t!r}: no stage declares its type")
-                fills[t] = Fill(t, d.dtype, d.shape)
+                stand_ins[t] = _stand_in(part_of[t], available, declared)
                 available.add(t)
             return True
     return False
 
 
-def _stand_in(tensor: str, part_of: Mapping[str, tuple[Region, Part]], available: set[str]) -> str:
-    if tensor not in part_of:
-        return ""
-    return next((r.output for r in part_of[tensor][1].replicas if r.output in available), "")
+def _failure(tensor: str, specs: tuple[StageSpec, ...], down: frozenset[str], available: set[str],
+             part_of: Mapping[str, _Lost], allow_degraded: bool) -> DeviceFailedError:
+    device, stage = _root(tensor, specs, down, available)
+    message = f"device {device!r} is down and stage {stage!r} has no live replica or fallback"
+    fillable = sorted({x.region.name for t, x in part_of.items() if t not in available and x.region.fill})
+    if fillable and not allow_degraded:
+        message += f"; region(s) {fillable} could be answered degraded (allow degraded answers to get fills)"
+    return DeviceFailedError(device, stage, message)
 
 
-def _needed(done: list[StageSpec], outputs: list[str], sources: Mapping[str, str]) -> list[StageSpec]:
-    need = {sources.get(t, t) for t in outputs}
+def _needed(done: list[StageSpec], outputs: list[str], stand_ins: Mapping[str, StandIn],
+            regions: tuple[Region, ...]) -> list[StageSpec]:
+    """The stages the outputs need, and every stage of a hot replica (computed on every request)."""
+    hot = {r.output for region in regions for r in region.replicas if r.mode is ReplicaMode.HOT}
+    need = set(outputs) | hot
     kept = []
     for spec in reversed(done):
         if need.intersection(spec.outputs):
             kept.append(spec)
-            need.update(sources.get(t, t) for t in spec.inputs)
+            for t in spec.inputs:
+                need.update(p.tensor for p in stand_ins[t].pieces) if t in stand_ins else need.add(t)
     return kept[::-1]
 
 
@@ -285,7 +300,7 @@ class Router:
 
     def __init__(self, plan: Plan, allow_degraded: bool = False) -> None:
         self.specs = stage_specs(plan)
-        self.regions = parse_regions(plan.regions)
+        self.regions = plan.regions
         self.declared = declared(self.specs)
         self.inputs = tuple(t.name for t in plan.inputs)
         self.outputs = tuple(t.name for t in plan.outputs)

@@ -36,11 +36,13 @@ class LocalExecutor:
         values: dict[str, np.ndarray] = check_inputs(self.plan.inputs, inputs)
         route = self.router.route(down)
         dims = self.router.dims(values)
-        values.update({t: fill.array(dims) for t, fill in route.fills.items()})
         seconds: dict[str, float] = {}
         for stage in route.stages:
             t0 = time.perf_counter()
-            feeds = {t: values[route.source(t)] for t in stage.inputs}
+            for t in stage.inputs:
+                if t in route.stand_ins and t not in values:
+                    values[t] = route.stand_ins[t].array(values, dims)
+            feeds = {t: values[t] for t in stage.inputs}
             results = self.sessions[stage.name].run(list(stage.outputs), feeds)
             seconds[stage.name] = time.perf_counter() - t0
             values.update(zip(stage.outputs, results))

@@ -28,8 +28,8 @@ from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, Plan
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, check_inputs, session_options
-from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, Fill, RequestFailed, Route, Router,
-                                        RunReport, Tally)
+from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router, RunReport,
+                                        StandIn, Tally)
 
 DATAPLANES = ("auto", "compiled", "tasks")
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
@@ -79,12 +79,8 @@ class DeviceWorker:
         for i in range(size):
             feeds = {}
             for name, values in zip(self.inputs[stage], args):
-                value = values[i]
-                if isinstance(value, Fill):
-                    value = value.array()
-                else:
-                    self.bytes_in[f"{stage}/{name}"] += value.nbytes
-                feeds[name] = value
+                feeds[name] = values[i]
+                self.bytes_in[f"{stage}/{name}"] += values[i].nbytes
             t0 = time.perf_counter()
             answers.append(self.sessions[stage].run(self.outputs[stage], feeds))
             self.seconds[stage] += time.perf_counter() - t0
@@ -92,6 +88,11 @@ class DeviceWorker:
         per_output = tuple(list(values) for values in zip(*answers)) if answers else tuple(
             [] for _ in self.outputs[stage])
         return per_output[0] if len(per_output) == 1 else per_output
+
+    def rebuild(self, stand_in: StandIn, dims: list[dict[str, int]], *pieces: list[np.ndarray]) -> list[np.ndarray]:
+        """A lost part's output for each request of a chunk, from the replicas' pieces (one list per piece)."""
+        return [stand_in.array({p.tensor: v[i] for p, v in zip(stand_in.pieces, pieces)}, dims[i])
+                for i in range(len(dims))]
 
     @ray.method(concurrency_group="health")
     def ping(self) -> str:
@@ -308,7 +309,7 @@ class RayExecutor:
     # ---- compiled graph for the steady state (all devices up) ----
 
     def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
-        if self.chosen != "compiled" or self.down or route.fills or route.sources:
+        if self.chosen != "compiled" or self.down or route.stand_ins:
             return None
         request_bytes = sum(values[0].nbytes for values in arrays.values() if values)
         if self._compiled is not None and (chunk > self._sized_for[0] or request_bytes > self._sized_for[1]):
@@ -563,11 +564,14 @@ class Session:
                 self._lose(req, deque(), ex.check(route.devices), rerun_compiled=True)
                 req.head_since = None
                 return self._dispatch(req)
-        dims = [ex.router.dims(a) for a in req.arrays] if route.fills else []
+        dims = [ex.router.dims(a) for a in req.arrays] if route.stand_ins else []
         values: dict[str, Any] = dict(inputs)
         for spec in route.stages:
-            args = [[route.fills[t].resolved(d) for d in dims] if t in route.fills else values[route.source(t)]
-                    for t in spec.inputs]
+            for t in spec.inputs:  # a lost part is rebuilt on the device that reads it
+                if t in route.stand_ins and t not in values:
+                    s = route.stand_ins[t]
+                    values[t] = ex.actors[spec.device].rebuild.remote(s, dims, *(values[p.tensor] for p in s.pieces))
+            args = [values[t] for t in spec.inputs]
             k = len(spec.outputs)
             out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args, size=size)
             req.refs[spec.name] = [out] if k == 1 else list(out)

@@ -1,8 +1,4 @@
-"""The stages an executor runs: the plan's stages, with replica outputs made visible, and declared tensor types.
-
-A replica's output feeds no node of the plain ONNX graph, so `cut` keeps it inside its stage. An executor needs it as
-a stage output to hand it to a combine whose primary part is down, so the stage model is given that extra output.
-"""
+"""The stages an executor runs and the declared types of the tensors between them."""
 
 from __future__ import annotations
 
@@ -32,33 +28,9 @@ class Declared:
     shape: tuple[int | str | None, ...]
 
 
-def replica_outputs(plan: Plan) -> set[str]:
-    parts = [part for region in plan.regions for part in region.get("parts", ())]
-    return {r["output"] for part in parts for r in part.get("replicas") or ()}
-
-
 def stage_specs(plan: Plan) -> tuple[StageSpec, ...]:
-    """The plan's stages in topological order, each with the replica outputs it computes added to its outputs."""
-    wanted = replica_outputs(plan)
-    specs = []
-    for s in plan.stages:
-        data = plan.stage_models[s.name]
-        extra: list[str] = []
-        if wanted:
-            model = onnx.load_from_string(data)
-            extra = [o for n in model.graph.node for o in n.output if o in wanted and o not in s.outputs]
-            if extra:
-                data = _with_outputs(model, extra)
-        specs.append(StageSpec(s.name, s.device, s.inputs, s.outputs + tuple(extra), data))
-    return tuple(specs)
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> bytes:
-    model = onnx.shape_inference.infer_shapes(model)
-    info = {v.name: v for v in model.graph.value_info}
-    for name in names:
-        model.graph.output.append(info.get(name) or helper.make_empty_tensor_value_info(name))
-    return model.SerializeToString()
+    """The plan's stages in topological order."""
+    return tuple(StageSpec(s.name, s.device, s.inputs, s.outputs, plan.stage_models[s.name]) for s in plan.stages)
 
 
 def declared(specs: tuple[StageSpec, ...]) -> dict[str, Declared]:

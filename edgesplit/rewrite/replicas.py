@@ -1,0 +1,159 @@
+"""Replicas as graph surgery: a subset of one part's units computed again, on another device.
+
+A replica reads what its part reads and outputs its units only:
+- a part that is one Conv / Gemm / MatMul with a constant weight (a plain output-channel or neuron split) is copied
+  with its weight (and bias) cut to the replica's units: it costs len(units) / len(part units) of the part;
+- any other Concat part (followers, spatial tiles) is copied whole, then the replica's units are gathered from it;
+- a Sum part (input channels, attention heads, MLP neurons) is copied whole with the weight of its last layer
+  masked to the replica's units, so its output is exactly those units' partial sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+
+from edgesplit.graph import Graph
+from edgesplit.layout import Combine, Part, Region, Replica, ReplicaMode
+from edgesplit.rewrite.base import Editor, SplitError, attr
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class ReplicaRequest:
+    region: str
+    part: int
+    units: tuple[int, ...]  # of the region, all in the part
+    device: str
+    mode: ReplicaMode = ReplicaMode.STANDBY
+
+
+def add_replicas(graph: Graph, requests: Sequence[ReplicaRequest]) -> Graph:
+    """The graph with every requested replica's nodes added and recorded on its part."""
+    if not requests:
+        return graph
+    ed = Editor(graph)
+    regions = {r.name: r for r in graph.regions}
+    problems = [p for req in requests for p in _check(req, regions)]
+    if problems:
+        raise SplitError("invalid replicas:\n  " + "\n  ".join(problems))
+    added: dict[tuple[str, int], list[Replica]] = {}
+    for k, req in enumerate(requests):
+        region = regions[req.region]
+        part = region.parts[req.part]
+        nodes, output = _build(ed, region, part, req, f"~r{k}")
+        ed.nodes.extend(nodes)
+        added.setdefault((req.region, req.part), []).append(
+            Replica(req.device, tuple(req.units), output, tuple(n.name for n in nodes), req.mode))
+    new = [r.with_parts([replace(p, replicas=p.replicas + tuple(added.get((r.name, i), ())))
+                         for i, p in enumerate(r.parts)]) for r in graph.regions]
+    ed.regions = []
+    rebuilt = ed.build([])
+    return replace(rebuilt, regions=tuple(new))
+
+
+def _check(req: ReplicaRequest, regions: dict[str, Region]) -> list[str]:
+    region = regions.get(req.region)
+    if region is None:
+        return [f"replica of region {req.region!r}: no such region; expected one of {sorted(regions)}"]
+    if not 0 <= req.part < len(region.parts):
+        return [f"replica of region {req.region!r}: part {req.part} of {len(region.parts)}"]
+    part = region.parts[req.part]
+    extra = sorted(set(req.units) - set(part.units))
+    problems = []
+    if not req.units or extra:
+        problems.append(f"replica of region {req.region!r} part {req.part}: expected a non-empty subset of the "
+                        f"part's units, got {'units ' + str(extra[:5]) + ' outside it' if extra else 'none'}")
+    if req.device == part.device:
+        problems.append(f"replica of region {req.region!r} part {req.part}: device {req.device!r} holds the part "
+                        f"itself; expected another device")
+    if region.combine is Combine.ARGMAX:
+        problems.append(f"replica of region {req.region!r}: a distributed-argmax part cannot be replicated in part")
+    return problems
+
+
+def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str) -> tuple[list[onnx.NodeProto], str]:
+    positions = [part.units.index(u) for u in req.units]
+    nodes = [ed.node(n) for n in part.nodes]
+    last = next(n for n in nodes if part.output in n.output)
+    if region.combine is Combine.CONCAT and len(nodes) == 1 and _sliceable(ed, last):
+        return [_cut_weights(ed, last, positions, tag)], f"{part.output}{tag}"
+    copies, names = _copy(ed, nodes, tag)
+    if region.combine is Combine.CONCAT or region.combine is Combine.MAX:
+        if positions == list(range(len(part.units))):
+            return copies, names[part.output]
+        index = ed.const(f"{part.output}{tag}/units", np.array(positions, dtype=np.int64))
+        gather = ed.make("Gather", [names[part.output], index], f"{part.output}{tag}/gather",
+                         {"axis": region.axis}, outputs=[f"{part.output}{tag}/units_out"])
+        return copies + [gather], gather.output[0]
+    exit_copy = copies[[n.name for n in nodes].index(last.name)]
+    _mask_rows(ed, exit_copy, positions, len(part.units), region.name)
+    return copies, names[part.output]
+
+
+def _sliceable(ed: Editor, node: onnx.NodeProto) -> bool:
+    return node.op_type in WEIGHTED and len(node.input) > 1 and ed.is_const(node.input[1]) and \
+        (node.op_type != "Conv" or attr(node, "group", 1) == 1)
+
+
+def _out_axis(ed: Editor, node: onnx.NodeProto) -> int:
+    """The axis of the weight that indexes output channels / neurons."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if attr(node, "transB", 0) else 1
+    return ed.array(node.input[1]).ndim - 1  # MatMul: x @ W
+
+
+def _cut_weights(ed: Editor, node: onnx.NodeProto, positions: list[int], tag: str) -> onnx.NodeProto:
+    axis = _out_axis(ed, node)
+    ins = list(node.input)
+    ins[1] = ed.const(f"{node.input[1]}{tag}", np.take(ed.array(node.input[1]), positions, axis=axis))
+    if len(ins) > 2 and ins[2] and ed.is_const(ins[2]):
+        bias = ed.array(ins[2])
+        if bias.ndim and bias.shape[-1] > 1:
+            ins[2] = ed.const(f"{node.input[2]}{tag}", np.take(bias, positions, axis=-1))
+    copy = ed.clone(node, f"{node.name}{tag}", ins)
+    copy.output[0] = f"{node.output[0]}{tag}"
+    return copy
+
+
+def _copy(ed: Editor, nodes: list[onnx.NodeProto], tag: str) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    names = {o: f"{o}{tag}" for n in nodes for o in n.output if o}
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.name = ed.fresh(f"{n.name}{tag}")
+        del c.input[:]
+        c.input.extend(names.get(i, i) for i in n.input)
+        del c.output[:]
+        c.output.extend(names.get(o, o) for o in n.output)
+        copies.append(c)
+    return copies, names
+
+
+def _mask_rows(ed: Editor, node: onnx.NodeProto, positions: list[int], units: int, region: str) -> None:
+    """Zero the weight of the last layer of a Sum part outside the replica's units (input channels or rows)."""
+    if node.op_type not in WEIGHTED or len(node.input) < 2 or not ed.is_const(node.input[1]):
+        raise SplitError(f"region {region!r}: its parts end in {node.op_type}, not in a Conv / Gemm / MatMul with a "
+                         f"constant weight, so a replica of some of its units cannot be built")
+    w = ed.array(node.input[1])
+    axis = {"Conv": 1, "MatMul": w.ndim - 2, "Gemm": 1 if attr(node, "transB", 0) else 0}[node.op_type]
+    if w.shape[axis] % units:
+        raise SplitError(f"region {region!r}: {w.shape[axis]} inputs of its last layer do not divide into "
+                         f"{units} units")
+    per = w.shape[axis] // units
+    keep = np.zeros(w.shape[axis], dtype=bool)
+    for p in positions:
+        keep[p * per:(p + 1) * per] = True
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    masked = np.where(keep.reshape(shape), w, np.zeros((), dtype=w.dtype))
+    node.input[1] = ed.const(f"{node.input[1]}~masked", masked)
+    if len(node.input) > 2 and node.input[2]:
+        raise SplitError(f"region {region!r}: its parts add a bias before the Sum; expected pure partial sums")
