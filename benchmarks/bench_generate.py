@@ -22,8 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import edgesplit  # noqa: E402
 from edgesplit.bench import transformers_zoo as tz  # noqa: E402
 from edgesplit.bench.harness import markdown_table, write_report  # noqa: E402
-from edgesplit.generate import Decoder, load_tokenizer  # noqa: E402
 from edgesplit.plan import Plan  # noqa: E402
+from edgesplit.runtime.generate import Decoder, load_tokenizer  # noqa: E402
 
 PROMPT = "Once upon a time, in a small village in the mountains,"
 

@@ -31,7 +31,8 @@ from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import random_inputs, session_options
 from edgesplit.runtime.failures import DeviceLost
 from edgesplit.runtime.local import LocalExecutor
-from edgesplit.runtime.ray import DeviceWorker, RayExecutor
+from edgesplit.runtime.ray import RayExecutor
+from edgesplit.runtime.rayworker import DeviceWorker
 
 DEVICES = ("dev0", "dev1", "dev2", "dev3")
 CHUNK = 8  # requests per actor call in the chunked throughput runs

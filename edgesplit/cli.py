@@ -209,8 +209,8 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,
              address: str | None, threads: int | None) -> None:
     """Greedy text generation with a decoder plan; each stage keeps its own KV cache."""
-    from edgesplit.generate import find_tokenizer, generate as do_generate, load_tokenizer
     from edgesplit.plan import Plan
+    from edgesplit.runtime.generate import find_tokenizer, generate as do_generate, load_tokenizer
 
     plan = Plan.load(plan_dir)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
@@ -263,7 +263,7 @@ def _node_options(f):
 
 def _options(name, cores, memory, object_store_memory, node_ip_address, temp_dir, token_file, no_auth, block):
     from edgesplit.cluster import parse_bytes
-    from edgesplit.devices import NodeOptions
+    from edgesplit.runtime.raynodes import NodeOptions
 
     return NodeOptions(name=name, cores=cores, memory=parse_bytes(memory, "--memory") if memory else None,
                        object_store_memory=parse_bytes(object_store_memory, "--object-store-memory")
@@ -278,9 +278,9 @@ def _options(name, cores, memory, object_store_memory, node_ip_address, temp_dir
 @_node_options
 def device_head(name, port, dashboard, **kw) -> None:
     """Start the head of an edgesplit Ray cluster (token authentication on)."""
-    from edgesplit import devices
+    from edgesplit.runtime import raynodes
 
-    address, token = devices.start_head(_options(name, **kw), port=port, dashboard=dashboard)
+    address, token = raynodes.start_head(_options(name, **kw), port=port, dashboard=dashboard)
     console.print(f"head started at [bold]{address}[/]")
     if token:
         console.print(f"auth token: {token} (copy it to each device's ~/.ray/auth_token, mode 600)")
@@ -294,9 +294,9 @@ def device_head(name, port, dashboard, **kw) -> None:
 @_node_options
 def device_join(head_address, name, timeout, **kw) -> None:
     """Start a Ray node on this machine that joins HEAD_ADDRESS as device NAME."""
-    from edgesplit import devices
+    from edgesplit.runtime import raynodes
 
-    node = devices.join(head_address, _options(name, **kw), timeout=timeout)
+    node = raynodes.join(head_address, _options(name, **kw), timeout=timeout)
     if node is not None:
         console.print(f"device [bold]{node.name}[/] joined {head_address} as node {node.address} "
                       f"({node.cores:g} cores, {node.memory / 2**30:.2f} GiB)")
@@ -313,11 +313,11 @@ def device_list(address, timeout, show_all, token_file, no_auth, as_json) -> Non
     """Show the cluster's devices: cores, memory, and which are alive."""
     from rich.table import Table
 
-    from edgesplit import devices
+    from edgesplit.runtime import raynodes
 
-    found = devices.nodes(address, timeout=timeout, auth=not no_auth, token_file=token_file)
-    rows = found if show_all else devices.devices(found)
-    twice = devices.duplicates(found)
+    found = raynodes.nodes(address, timeout=timeout, auth=not no_auth, token_file=token_file)
+    rows = found if show_all else raynodes.devices(found)
+    twice = raynodes.duplicates(found)
     if as_json:
         click.echo(json.dumps({"address": address, "devices": [r.to_dict() for r in rows], "duplicates": twice},
                               indent=1))

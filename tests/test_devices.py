@@ -1,4 +1,4 @@
-"""edgesplit.devices and `edgesplit device ...` without a cluster: names, addresses, tokens, unreachable heads.
+"""edgesplit.runtime.raynodes and `edgesplit device ...` without a cluster: names, addresses, tokens, unreachable heads.
 
 The bring-up against real Ray nodes (join, list, duplicate names, refused clients) is in test_edgelab.py.
 """
@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from edgesplit import devices
 from edgesplit.errors import ClusterError, EdgesplitError
+from edgesplit.runtime import raynodes
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -26,21 +26,21 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", ["pi-2", "jetson_0", "edge.7"])
 def test_resource_name(name):
-    assert devices.resource(name) == f"edgesplit_device:{name}"
+    assert raynodes.resource(name) == f"edgesplit_device:{name}"
 
 
 @pytest.mark.parametrize("name", ["", "pi 2", "a:b", "x/y"])
 def test_bad_device_name(name):
     with pytest.raises(ClusterError, match="expected a device name"):
-        devices.resource(name)
+        raynodes.resource(name)
 
 
 def test_split_address():
-    assert devices.split_address("10.0.0.1:6380") == ("10.0.0.1", 6380)
-    assert devices.split_address("head.local") == ("head.local", 6379)
+    assert raynodes.split_address("10.0.0.1:6380") == ("10.0.0.1", 6380)
+    assert raynodes.split_address("head.local") == ("head.local", 6379)
     for bad in ("10.0.0.1:x", ":6379", "h:0", "h:70000"):
         with pytest.raises(ClusterError, match="HOST:PORT"):
-            devices.split_address(bad)
+            raynodes.split_address(bad)
 
 
 def test_ray_without_token_auth_is_a_clear_error(monkeypatch):
@@ -49,16 +49,16 @@ def test_ray_without_token_auth_is_a_clear_error(monkeypatch):
     real_import = builtins.__import__
 
     def old_ray(name, globals=None, locals=None, fromlist=(), level=0):
-        if name == "ray._raylet" and (globals or {}).get("__name__") == "edgesplit.devices":
+        if name == "ray._raylet" and (globals or {}).get("__name__") == "edgesplit.runtime.raynodes":
             raise ImportError("cannot import name 'AuthenticationTokenLoader' from 'ray._raylet'")
         return real_import(name, globals, locals, fromlist, level)
 
     monkeypatch.setattr(builtins, "__import__", old_ray)
     with pytest.raises(EdgesplitError, match=r"needs ray >= 2\.52.*--no-auth"):
-        devices.require_token_auth()
+        raynodes.require_token_auth()
     with pytest.raises(EdgesplitError, match="needs ray >= 2.52"):
-        devices.auth_env(auth=True)
-    assert devices.auth_env(auth=False)["RAY_AUTH_MODE"] == "disabled"  # opting out still works
+        raynodes.auth_env(auth=True)
+    assert raynodes.auth_env(auth=False)["RAY_AUTH_MODE"] == "disabled"  # opting out still works
 
 
 def test_no_token_anywhere_is_a_clear_error(tmp_path, monkeypatch):
@@ -66,26 +66,26 @@ def test_no_token_anywhere_is_a_clear_error(tmp_path, monkeypatch):
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(EdgesplitError, match="no Ray auth token was found.*ray get-auth-token"):
-        devices.auth_env(auth=True)
+        raynodes.auth_env(auth=True)
     with pytest.raises(EdgesplitError, match="missing or empty"):
-        devices.auth_env(auth=True, token_file=tmp_path / "nope")
+        raynodes.auth_env(auth=True, token_file=tmp_path / "nope")
 
 
 def test_token_precedence_and_generation(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
-    where = devices.ensure_token()
+    where = raynodes.ensure_token()
     path = tmp_path / ".ray" / "auth_token"
     assert where == str(path) and len(path.read_text()) == 64
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert devices.ensure_token() == where and len(path.read_text()) == 64  # kept, not regenerated
+    assert raynodes.ensure_token() == where and len(path.read_text()) == 64  # kept, not regenerated
     own = tmp_path / "lab_token"
-    assert devices.ensure_token(own) == str(own) and own.read_text() != path.read_text()
-    env = devices.auth_env(True, own)
+    assert raynodes.ensure_token(own) == str(own) and own.read_text() != path.read_text()
+    env = raynodes.auth_env(True, own)
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(own)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "abc")
-    assert devices.token_source() == "RAY_AUTH_TOKEN"
+    assert raynodes.token_source() == "RAY_AUTH_TOKEN"
 
 
 def test_closed_port_is_a_clear_error():
@@ -93,7 +93,7 @@ def test_closed_port_is_a_clear_error():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends
     with pytest.raises(ClusterError, match=f"cannot reach the head at 127.0.0.1:{port}"):
-        devices.probe(f"127.0.0.1:{port}", timeout=2)
+        raynodes.probe(f"127.0.0.1:{port}", timeout=2)
 
 
 def test_silent_head_times_out_with_a_clear_error(tmp_path):
@@ -125,22 +125,22 @@ def test_cli_bad_input_is_exit_2(tmp_path):
 
 def test_devices_collapses_rejoined_names():
     def node(name, alive, node_id, head=False):
-        return devices.NodeDevice(name, node_id, "10.0.0.1", 1.0, 2**30, 10**8, alive, head)
+        return raynodes.NodeDevice(name, node_id, "10.0.0.1", 1.0, 2**30, 10**8, alive, head)
 
     nodes = [node("pi-1", False, "a"), node("pi-1", True, "b"), node("pi-2", False, "c"), node(None, True, "d", True),
              node("pi-3", True, "e"), node("pi-3", True, "f")]
-    rows = devices.devices(nodes)
+    rows = raynodes.devices(nodes)
     assert [(r.name, r.alive, r.node_id) for r in rows] == [("pi-1", True, "b"), ("pi-2", False, "c"),
                                                             ("pi-3", True, "e")]
-    assert devices.duplicates(nodes) == ["pi-3"]
+    assert raynodes.duplicates(nodes) == ["pi-3"]
     assert json.loads(json.dumps(rows[0].to_dict()))["name"] == "pi-1"
 
 
 def test_ray_start_arguments():
-    opts = devices.NodeOptions(name="pi-2", cores=2, memory=2**31, object_store_memory=10**8,
+    opts = raynodes.NodeOptions(name="pi-2", cores=2, memory=2**31, object_store_memory=10**8,
                                node_ip_address="10.0.0.7", temp_dir=None)
     args = opts.ray_args()
     assert json.loads(args[args.index("--resources") + 1]) == {"edgesplit_device:pi-2": 1}
     assert args[args.index("--num-cpus") + 1] == "2" and args[args.index("--memory") + 1] == str(2**31)
     assert args[args.index("--node-ip-address") + 1] == "10.0.0.7" and "--block" not in args
-    assert "--resources" not in devices.NodeOptions().ray_args()  # a head that hosts no device
+    assert "--resources" not in raynodes.NodeOptions().ray_args()  # a head that hosts no device

@@ -18,7 +18,10 @@ from edgesplit.bench import transformers_zoo as tz  # noqa: E402
 from edgesplit.cli import main  # noqa: E402
 from edgesplit.cluster import Cluster  # noqa: E402
 from edgesplit.errors import EdgesplitError, InputError, PlanError  # noqa: E402
-from edgesplit.generate import (  # noqa: E402
+from edgesplit.graph import load  # noqa: E402
+from edgesplit.pipeline import partition  # noqa: E402
+from edgesplit.plan import Plan  # noqa: E402
+from edgesplit.runtime.generate import (  # noqa: E402
     Decoder,
     TextTokenizer,
     TokenizerError,
@@ -26,9 +29,6 @@ from edgesplit.generate import (  # noqa: E402
     generate,
     load_tokenizer,
 )
-from edgesplit.graph import load  # noqa: E402
-from edgesplit.pipeline import partition  # noqa: E402
-from edgesplit.plan import Plan  # noqa: E402
 
 from tests.conftest import GPT2_VOCAB as VOCAB  # noqa: E402
 PROMPT = "Once upon a time, in a small village in the mountains,"

@@ -10,8 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ray = pytest.importorskip("ray")
 tz = pytest.importorskip("edgesplit.bench.transformers_zoo")
 
-from edgesplit.generate import generate, load_tokenizer  # noqa: E402
 from edgesplit.runtime import raycluster  # noqa: E402
+from edgesplit.runtime.generate import generate, load_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.ray
 

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 zoo = pytest.importorskip("edgesplit.bench.transformers_zoo")
 
 from edgesplit.cluster import Cluster  # noqa: E402
-from edgesplit.generate import TextTokenizer, generate  # noqa: E402
 from edgesplit.graph import load  # noqa: E402
 from edgesplit.plan import cut  # noqa: E402
 from edgesplit.rewrite.transformer import split_transformer  # noqa: E402
+from edgesplit.runtime.generate import TextTokenizer, generate  # noqa: E402
 from edgesplit.runtime.local import LocalExecutor, run_whole_model  # noqa: E402
 
 SENTENCES = [

@@ -18,7 +18,7 @@ The causal mask is built inside the graph from attention_mask and position_ids, 
 (`dynamo=False`, opset 17, the default) no node reads the shape of a past tensor: every past_* input is read only
 by the Concat that makes its present_* output. The dynamo exports (`dynamo=True`) are opset 20, about half the
 nodes, name their symbolic dims s0, s1, ... instead of batch/sequence, and read every past tensor through a
-Shape node as well (edgesplit.generate handles that).
+Shape node as well (edgesplit.runtime.generate handles that).
 """
 
 from __future__ import annotations

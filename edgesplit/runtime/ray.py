@@ -10,14 +10,11 @@ flight that used it is re-routed (`failures.route`: replica, else zeros if degra
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,9 +24,10 @@ from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError, Ra
 from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, PlanError, StageError
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
-from edgesplit.runtime.common import RunResult, check_inputs, session_options
+from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router, RunReport,
-                                        StandIn, Tally)
+                                        Tally)
+from edgesplit.runtime.rayworker import DeviceWorker
 
 DATAPLANES = ("auto", "compiled", "tasks")
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
@@ -38,143 +36,6 @@ COMPILE_COOLDOWN = 5.0
 TEARDOWN_WAIT = 2.0
 CLOSE_TEARDOWN_WAIT = 2  # seconds; Ray's DAGContext wants an int
 COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before a compiled graph is built again
-
-
-# Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
-# still blocked on a tensor from a silent device; the driver restores the order of the answers.
-@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1}, allow_out_of_order_execution=True)
-class DeviceWorker:
-    """One device: its own stages only, onnxruntime threads = the device's cores. `ping`/`stats` never queue behind
-    a running stage (own concurrency group), so a busy device is told apart from a silent one."""
-
-    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
-                 threads: int, cpus: tuple[int, ...] = ()) -> None:
-        import psutil
-
-        if cpus:
-            _pin(cpus)
-        self.device = device
-        self.process = psutil.Process()
-        self.uss_start = self.process.memory_full_info().uss
-        _start_onnxruntime(threads)
-        self.uss_runtime = self.process.memory_full_info().uss  # onnxruntime's fixed cost, before any stage
-        self.inputs = {name: ins for name, ins, _, _ in stages}
-        self.outputs = {name: list(outs) for name, _, outs, _ in stages}
-        self.sessions = {name: _lean_session(model, threads) for name, _, _, model in stages}
-        del stages
-        self.uss_loaded = self.process.memory_full_info().uss
-        self.trimmed = False
-        self.bytes_in: dict[str, int] = defaultdict(int)  # "stage/tensor" -> bytes received
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def run(self, stage: str, *args: list[Any], size: int = 1) -> Any:
-        """Runs `stage` on a chunk of requests, one after the other: each argument is a list with one value per
-        request, and so is each output (a tuple of them when the stage has several). `size` counts the requests of
-        a stage without inputs."""
-        size = len(args[0]) if args else size
-        if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
-            self.trimmed = _trim()
-        answers = []
-        for i in range(size):
-            feeds = {}
-            for name, values in zip(self.inputs[stage], args):
-                feeds[name] = values[i]
-                self.bytes_in[f"{stage}/{name}"] += values[i].nbytes
-            t0 = time.perf_counter()
-            answers.append(self.sessions[stage].run(self.outputs[stage], feeds))
-            self.seconds[stage] += time.perf_counter() - t0
-            self.calls[stage] += 1
-        per_output = tuple(list(values) for values in zip(*answers)) if answers else tuple(
-            [] for _ in self.outputs[stage])
-        return per_output[0] if len(per_output) == 1 else per_output
-
-    def rebuild(self, stand_in: StandIn, dims: list[dict[str, int]], *pieces: list[np.ndarray]) -> list[np.ndarray]:
-        """A lost part's output for each request of a chunk, from the replicas' pieces (one list per piece)."""
-        return [stand_in.array({p.tensor: v[i] for p, v in zip(stand_in.pieces, pieces)}, dims[i])
-                for i in range(len(dims))]
-
-    @ray.method(concurrency_group="health")
-    def ping(self) -> str:
-        return self.device
-
-    def set_channel_bytes(self, nbytes: int) -> None:
-        """The buffer of the compiled-graph channels this process creates (Ray sizes some from its own default)."""
-        from ray.dag import DAGContext
-
-        DAGContext.get_current().buffer_size_bytes = nbytes
-
-    @ray.method(concurrency_group="health")
-    def stats(self) -> dict[str, Any]:
-        from ray.dag import DAGContext
-
-        mem = self.process.memory_full_info()
-        return {"device": self.device, "pid": self.process.pid, "rss": mem.rss, "uss": mem.uss,
-                "channel_bytes": DAGContext.get_current().buffer_size_bytes,
-                "uss_start": self.uss_start, "uss_runtime": self.uss_runtime, "uss_loaded": self.uss_loaded,
-                "cpus": sorted(os.sched_getaffinity(0)), "bytes_in": dict(self.bytes_in),
-                "seconds": dict(self.seconds), "calls": dict(self.calls)}
-
-
-def _pin(cpus: tuple[int, ...]) -> None:
-    """Every thread of this process (Ray's included) on `cpus`; threads started later inherit it."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that ended meanwhile
-            pass
-
-
-def _start_onnxruntime(threads: int) -> None:
-    """Initialise onnxruntime's process-wide state (environment, kernel registries: the same whatever the model)
-    with a one-node session, so that a device's memory splits into Ray's worker, this fixed runtime cost, and its
-    stages' share."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "start", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    session.run(None, {"x": np.zeros(1, np.float32)})
-    _trim()
-
-
-def _lean_session(model: bytes, threads: int) -> Any:
-    """An onnxruntime session holding about its parameters once: optimise once into a file (fusions made at load
-    time keep the unfused weights alive as well), then load that file with optimisations off. Its arena keeps the
-    peak activations between requests (freed without an arena, glibc keeps more than that). The optimised
-    graph is the one the local executor runs, so outputs stay bitwise identical."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="edgesplit-stage-") as tmp:
-        source, optimised = Path(tmp) / "stage.onnx", Path(tmp) / "stage.opt.onnx"
-        source.write_bytes(model)
-        opts = session_options(threads)
-        opts.optimized_model_filepath = str(optimised)
-        try:
-            ort.InferenceSession(str(source), opts, providers=["CPUExecutionProvider"])
-        except Exception:  # noqa: BLE001 - some graphs cannot be saved optimised: run them as they are
-            return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
-        _trim()
-        lean = session_options(threads)
-        lean.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(str(optimised), lean, providers=["CPUExecutionProvider"])
-    _trim()
-    return session
-
-
-def _trim() -> bool:
-    """Hand freed heap back to the OS (glibc), so resident memory shows what is really in use."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):
-        return False
 
 
 class RayExecutor:

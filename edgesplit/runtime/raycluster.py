@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from edgesplit.cluster import Cluster
-from edgesplit.devices import RESOURCE_PREFIX as RESOURCE
-from edgesplit.devices import probe, require_token_auth, resource
 from edgesplit.errors import ClusterError
+from edgesplit.runtime.raynodes import RESOURCE_PREFIX as RESOURCE
+from edgesplit.runtime.raynodes import probe, require_token_auth, resource
 
 __all__ = ["Host", "check_devices", "connect", "hosts", "local_cpus", "probe_head", "resource"]
 

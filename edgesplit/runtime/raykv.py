@@ -1,8 +1,8 @@
 """Token generation on Ray: each device's actor holds its stages' sessions and their KV caches.
 
 Only the tensors between stages (hidden states, masks) cross devices; the past/present tensors of a stage never
-leave the actor that runs it. The driver runs the generation loop of `edgesplit.generate` unchanged: a
-`RemoteStage` has the face of a local stage state.
+leave the actor that runs it. The driver runs the generation loop of `edgesplit.runtime.generate` unchanged: a
+`RemoteStage` has the face of a local `KVStage`.
 """
 
 from __future__ import annotations
@@ -12,33 +12,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import ray
 
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
+from edgesplit.runtime.common import session_options
+from edgesplit.runtime.kvstage import PRESENT, KVStage
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class KVWorker:
     """One device's stages for generation; `step` runs one stage with that stage's own cache."""
 
-    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]], threads: int) -> None:
-        import onnxruntime as ort
-
-        from edgesplit.generate import _StageState
-        from edgesplit.runtime.common import session_options
-
+    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
+                 threads: int) -> None:
         opts = session_options(threads)
-        self.states = {name: _StageState(name, device, ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]),
-                                         ins, outs) for name, ins, outs, model in stages}
+        self.states = {name: KVStage(name, device,
+                                     ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]), ins, outs)
+                       for name, ins, outs, model in stages}
 
     def step(self, stage: str, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         results = self.states[stage].step(feeds, batch)
-        return {k: v for k, v in results.items() if not k.startswith("present_")}  # caches stay on the device
+        return {k: v for k, v in results.items() if not k.startswith(PRESENT)}  # caches stay on the device
 
     def reset(self) -> None:
         for state in self.states.values():
-            state.kv.clear()
+            state.reset()
 
     def ping(self) -> str:
         return "ok"
@@ -46,7 +46,7 @@ class KVWorker:
 
 @dataclass
 class RemoteStage:
-    """A stage running in its device's KVWorker, with the interface `generate._Runner` drives."""
+    """A stage running in its device's KVWorker, with the interface of a local `KVStage`."""
 
     name: str
     device: str
@@ -71,5 +71,5 @@ def remote_stages(plan: Plan, address: str | None = None, threads: int | None = 
         cores = threads or plan.cluster.device(device).cores
         actors[device] = KVWorker.options(resources={raycluster.resource(device): 0.001}).remote(device, stages, cores)
     ray.get([a.ping.remote() for a in actors.values()])
-    return [RemoteStage(s.name, s.device, s.inputs, tuple(o for o in s.outputs if not o.startswith("present_")),
+    return [RemoteStage(s.name, s.device, s.inputs, tuple(o for o in s.outputs if not o.startswith(PRESENT)),
                         actors[s.device]) for s in plan.order()]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +33,11 @@ import onnxruntime as ort
 from edgesplit.errors import EdgesplitError, InputError, PlanError
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import session_options
+from edgesplit.runtime.kvstage import PAST, PRESENT, KVStage
 
-PAST, PRESENT = "past_", "present_"
 FEEDS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 TOKENIZER_FILE = "tokenizer.json"
 NO_TOKENIZER = "generate needs a tokenizer (a TextTokenizer or a directory with tokenizer.json); got none"
-_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-           "tensor(bfloat16)": np.float32}
 
 
 class TokenizerError(EdgesplitError):
@@ -145,42 +143,10 @@ class GenerationStats:
                 f"{', KV cache' if self.kv_cache else ', no KV cache'})")
 
 
-@dataclass
-class _StageState:
-    """One stage on its device: its session and its own KV cache (last step's present_* outputs)."""
-
-    name: str
-    device: str
-    session: ort.InferenceSession
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    shape_only: frozenset[str] = frozenset()  # past_* inputs this stage reads only through Shape nodes
-    kv: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def step(self, feeds: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-        full = dict(feeds)
-        for name in self.inputs:
-            if name.startswith(PAST) and name not in self.shape_only:
-                full[name] = self.kv.get(PRESENT + name[len(PAST):])
-                if full[name] is None:
-                    full[name] = self._empty(name, batch)
-        results = dict(zip(self.outputs, self.session.run(list(self.outputs), full)))
-        self.kv.update((n, v) for n, v in results.items() if n.startswith(PRESENT))
-        return results
-
-    def reset(self) -> None:
-        self.kv.clear()
-
-    def _empty(self, name: str, batch: int) -> np.ndarray:
-        meta = next(i for i in self.session.get_inputs() if i.name == name)
-        shape = [d if isinstance(d, int) else (batch if axis == 0 else 0) for axis, d in enumerate(meta.shape)]
-        return np.zeros(shape, dtype=_DTYPES.get(meta.type, np.float32))
-
-
 class _Runner:
     """Runs the stages in order for one step, routing tensors by name and counting bytes between devices."""
 
-    def __init__(self, states: Sequence[_StageState]) -> None:
+    def __init__(self, states: Sequence[KVStage]) -> None:
         self.states = list(states)
         self.producer = {o: s for s in self.states for o in s.outputs}
         self.crossed: set[str] = set()
@@ -188,7 +154,7 @@ class _Runner:
     def _stand_in(self, name: str, batch: int) -> np.ndarray:
         owner = self.producer[PRESENT + name[len(PAST):]]
         cached = owner.kv.get(PRESENT + name[len(PAST):])
-        return np.zeros_like(cached) if cached is not None else owner._empty(name, batch)
+        return np.zeros_like(cached) if cached is not None else owner.empty_past(name, batch)
 
     def step(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
         values = dict(feeds)
@@ -211,7 +177,7 @@ class _Runner:
         return values["logits"], wire
 
 
-def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequence[_StageState],
+def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequence[KVStage],
                    stage_models: Mapping[str, bytes]) -> None:
     """Refuse what is not a decoder; mark past_* inputs that a stage reads only through Shape nodes (dynamo
     exports read every past tensor's shape), so that those stages get a stand-in and the cache stays put."""
@@ -242,11 +208,11 @@ def _check_decoder(inputs: Sequence[str], outputs: Sequence[str], stages: Sequen
 Model = Plan | str | Path | onnx.ModelProto
 
 
-def _states(model: Model, threads: int | None) -> tuple[list[_StageState], list[str], list[str]]:
+def _states(model: Model, threads: int | None) -> tuple[list[KVStage], list[str], list[str]]:
     opts = session_options(threads)
     providers = ["CPUExecutionProvider"]
     if isinstance(model, Plan):
-        states = [_StageState(s.name, s.device,
+        states = [KVStage(s.name, s.device,
                               ort.InferenceSession(model.stage_models[s.name], opts, providers=providers),
                               s.inputs, s.outputs) for s in model.order()]
         return states, [t.name for t in model.inputs], [t.name for t in model.outputs]
@@ -255,7 +221,7 @@ def _states(model: Model, threads: int | None) -> tuple[list[_StageState], list[
         raise InputError(f"expected a Plan or an ONNX model file, got {source!r}")
     sess = ort.InferenceSession(source, opts, providers=providers)
     ins, outs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
-    return [_StageState("whole", "local", sess, tuple(ins), tuple(outs))], ins, outs
+    return [KVStage("whole", "local", sess, tuple(ins), tuple(outs))], ins, outs
 
 
 def _feeds(names: Sequence[str], tokens: Sequence[int], past: int) -> dict[str, np.ndarray]:
@@ -289,7 +255,8 @@ class Generation:
 class Decoder:
     """A Plan (or a whole model) ready to generate: one session per stage, built once, reused across prompts."""
 
-    def __init__(self, model: Model, threads: int | None = None, backend: str = "local", address: str | None = None) -> None:
+    def __init__(self, model: Model, threads: int | None = None, backend: str = "local",
+                 address: str | None = None) -> None:
         if backend not in ("local", "ray"):
             raise InputError(f"expected backend 'local' or 'ray', got {backend!r}")
         states, self.inputs, outputs = _states(model, threads)
@@ -299,8 +266,9 @@ class Decoder:
                 raise InputError("the ray backend runs a Plan; partition the model first")
             if any(s.shape_only for s in states):
                 raise PlanError("this plan reads KV caches of other stages through Shape nodes (a dynamo export); "
-                                "the ray backend keeps every cache on its device and cannot feed those: use --backend local")
-            from edgesplit.runtime.raykv import remote_stages
+                                "the ray backend keeps every cache on its device and cannot feed those: "
+                                "use --backend local")
+            from edgesplit.runtime.raykv import remote_stages  # Ray is an optional dependency
 
             states = remote_stages(model, address, threads)
         self.states = states
@@ -326,16 +294,16 @@ class Decoder:
 
 
 def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int],
-             max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None,
-             backend: str = "local", address: str | None = None) -> Generation:
+             max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True,
+             eos_token_id: int | None = None, backend: str = "local", address: str | None = None) -> Generation:
     """Greedy decoding of up to `max_new_tokens` after `prompt` (text, or token ids) on a Plan or a whole model.
 
     The returned iterator yields each token as soon as it is produced; `.stats` has timings after the last one.
     """
     if tokenizer is None:
         raise TokenizerError(NO_TOKENIZER)
-    return Decoder(model, threads, backend, address).generate(tokenizer, prompt, max_new_tokens, stop_at_eos=stop_at_eos,
-                                            eos_token_id=eos_token_id)
+    return Decoder(model, threads, backend, address).generate(tokenizer, prompt, max_new_tokens,
+                                                              stop_at_eos=stop_at_eos, eos_token_id=eos_token_id)
 
 
 def _loop(generation: Generation, runner: _Runner, inputs: Sequence[str], tok: TextTokenizer, prompt_ids: list[int],

@@ -1,7 +1,7 @@
-"""Bring edge devices into a Ray cluster under their edgesplit names, and list them.
+"""Ray node management: bring edge devices into a Ray cluster under their edgesplit names, and list them.
 
 A Ray node that hosts the edgesplit device NAME advertises the custom resource ``edgesplit_device:NAME`` = 1; the ray
-executor pins each device's actor with it. Clusters started here use Ray token authentication
+executor (`raycluster`, `ray`) pins each device's actor with it. Clusters started here use Ray token authentication
 (``RAY_AUTH_MODE=token``): every node and every client needs the same token, found by Ray in ``RAY_AUTH_TOKEN``,
 the file named by ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``, in that order.
 """
