@@ -8,6 +8,36 @@ import numpy as np
 import pytest
 
 ZOO = ("resnet", "densenet", "vgg", "mobilenet", "inception")
+PLAN_SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
+
+
+def schema_problems(plan_json: Path) -> list[str]:
+    """Where a written plan.json breaks docs/plan.schema.json (empty: it follows the documented format)."""
+    import json
+
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads(PLAN_SCHEMA.read_text()))
+    data = json.loads(plan_json.read_text())
+    return [f"{plan_json}: {'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_written_plan_follows_the_schema():
+    """Every plan a test writes (Plan.save, also under the CLI) validates against docs/plan.schema.json."""
+    from edgesplit.plan import Plan
+
+    save = Plan.save
+
+    def checked(self, directory):
+        written = save(self, directory)
+        problems = schema_problems(Path(written) / "plan.json")
+        assert not problems, "the written plan breaks docs/plan.schema.json:\n" + "\n".join(problems[:20])
+        return written
+
+    Plan.save = checked
+    yield
+    Plan.save = save
 
 
 @pytest.fixture(scope="session")

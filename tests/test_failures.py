@@ -1,36 +1,59 @@
 """Failure-set semantics (edgesplit.runtime.failures) through the local executor, the fast reference.
 
-A hand-built horizontal model (`zoo.replicated_conv`): a Conv split into two output-channel parts A and B + Concat,
-with a replica of A, recorded in `edgesplit.regions`. test_ray.py imports the plans below.
+`zoo.split_conv` with conv1 split by output channels into parts A (dev1) and B (dev2) and a standby replica of A
+built through the API (planner.with_replicas). test_ray.py imports the plans below.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import edgesplit
 from edgesplit.bench import zoo
 from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError, PlanError
+from edgesplit.layout import ReplicaMode
 from edgesplit.pipeline import partition
+from edgesplit.planner import plan as plan_of
+from edgesplit.planner import with_replicas
+from edgesplit.rewrite import SplitRequest, apply
+from edgesplit.rewrite.assign import placement as place_parts
+from edgesplit.rewrite.replicas import ReplicaRequest
 from edgesplit.runtime.common import random_inputs
-from edgesplit.runtime.failures import DeviceLost, Tally, parse_regions
+from edgesplit.runtime.failures import DeviceLost, Tally
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
-STEM = ["stem_conv", "stem_relu"]
-TAIL = ["relu2", "gap", "flatten", "fc"]
-# horizontal: parts on dev1 / dev2, the replica of A alone on dev3 (cold standby)
-HORIZONTAL = {"dev0": [*STEM, "concat1", *TAIL], "dev1": ["conv1_a"], "dev2": ["conv1_b"], "dev3": ["conv1_a_r"]}
+CHANNELS = 4
+REST = ["stem_conv", "stem_relu", "relu1", "conv2", "relu2", "gap", "flatten", "fc"]
+# horizontal: parts on dev1 / dev2, the replica of A alone on dev3, everything else (and the combine) on dev0
+HORIZONTAL = {"parts": ("dev1", "dev2"), "replica": "dev3", "rest": dict.fromkeys(REST, "dev0"), "combine": "dev0"}
 # hybrid: also cut vertically; the replica of A sits on part B's device, the tail has its own device
-HYBRID = {"dev0": [*STEM, "concat1"], "dev1": ["conv1_a"], "dev2": ["conv1_b", "conv1_a_r"], "dev3": TAIL}
+HYBRID = {"parts": ("dev1", "dev2"), "replica": "dev2", "combine": "dev0",
+          "rest": {**dict.fromkeys(REST[:2], "dev0"), **dict.fromkeys(REST[2:], "dev3")}}
 
 
-def split_conv_plan(mapping: dict, zero_b: bool = False):
-    graph = edgesplit.load(zoo.replicated_conv(zero_b=zero_b))
-    return partition(graph, Cluster.simulated(4), mapping), graph
+def split_layout(graph, cluster, requests, rest, combine=None):
+    """A horizontal split through the API: rewrite, parts on their devices, the rest as given."""
+    split = apply(graph, cluster, requests)
+    where = place_parts(split, cluster, rest)
+    if combine is not None:
+        where.update(dict.fromkeys((n for r in split.regions for n in r.combine_nodes), combine))
+    return split, where
+
+
+def split_conv_plan(layout: dict, mode: ReplicaMode = ReplicaMode.STANDBY):
+    graph = edgesplit.load(zoo.split_conv(CHANNELS))
+    cluster = Cluster.simulated(4)
+    split, where = split_layout(graph, cluster, [SplitRequest("lop", ("conv1",), layout["parts"])], layout["rest"],
+                                layout["combine"])
+    region = split.regions[0]
+    split, where = with_replicas(split, where, [ReplicaRequest(region.name, 0, region.parts[0].units,
+                                                               layout["replica"], mode)])
+    return plan_of(split, cluster, where), graph
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +68,7 @@ def hybrid():
 
 @pytest.fixture(scope="module")
 def without_b() -> onnx.ModelProto:
-    return edgesplit.load(zoo.replicated_conv(zero_b=True)).model
+    return edgesplit.load(zoo.split_conv(CHANNELS, zero_units=tuple(range(CHANNELS, 2 * CHANNELS)))).model
 
 
 def _x(plan, batch: int = 2, seed: int = 1):
@@ -90,8 +113,8 @@ def test_part_and_its_replica_both_dead_fills_both(horizontal):
     plan, graph = horizontal
     got = LocalExecutor(plan, allow_degraded=True).run(_x(plan), failed={"dev1", "dev2", "dev3"})
     assert got.missing_devices == ("dev1", "dev2")  # dev3 only held a replica
-    bias = numpy_helper.to_array(graph.initializers["bf"])  # all channels zero: only the classifier's bias is left
-    np.testing.assert_allclose(got.outputs["y"], np.broadcast_to(bias, (2, 10)), rtol=1e-6)
+    nothing = edgesplit.load(zoo.split_conv(CHANNELS, zero_units=tuple(range(2 * CHANNELS)))).model
+    np.testing.assert_allclose(got.outputs["y"], run_whole_model(nothing, _x(plan))["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_dead_combine_is_an_error_even_when_degraded_is_allowed(horizontal):
@@ -112,25 +135,42 @@ def test_replica_is_cold_standby_in_the_full_route(horizontal):
     plan, _ = horizontal
     ex = LocalExecutor(plan)
     assert "dev3" not in ex.router.route().devices
-    assert ex.router.route(frozenset({"dev1"})).sources == {"a": "a_r"}
+    (part_a,) = [p for p in plan.regions[0].parts if p.device == "dev1"]
+    stand_in = ex.router.route(frozenset({"dev1"})).stand_ins[part_a.output]
+    assert [p.tensor for p in stand_in.pieces] == [part_a.replicas[0].output] and not stand_in.degraded
     assert set(ex.router.route(frozenset({"dev1"})).devices) == {"dev0", "dev2", "dev3"}
 
 
-def test_replica_output_is_exposed_as_a_stage_output(hybrid):
+def test_hot_replica_runs_on_every_request():
+    plan, _ = split_conv_plan(HORIZONTAL, ReplicaMode.HOT)
+    assert "dev3" in LocalExecutor(plan).router.route().devices
+
+
+def test_replica_output_is_a_stage_output(hybrid):
     plan, _ = hybrid
-    (stage,) = [s for s in plan.stages if "conv1_a_r" in s.layers]
-    assert stage.device == "dev2" and "a_r" not in stage.outputs  # the plain cut keeps it internal
-    spec = LocalExecutor(plan).router.spec(stage.name)
-    assert "a_r" in spec.outputs
+    replica = plan.regions[0].parts[0].replicas[0]
+    (stage,) = [s for s in plan.stages if set(replica.nodes) <= set(s.layers)]
+    assert stage.device == "dev2" and replica.output in stage.outputs
+    assert not set(stage.layers) & set(plan.regions[0].parts[1].nodes)  # a stage of its own: standby costs nothing
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([{"name": "r", "combine": "c", "fill": "mean", "parts": []}], "expected fill"),
-    ([{"name": "r", "combine": "c", "parts": [{"nodes": []}]}], "missing"),
+@pytest.mark.parametrize("edit, message", [
+    (lambda r: r.update(fill="mean"), "fill: expected one of"),
+    (lambda r: r["parts"][0].pop("units"), "missing field 'units'"),
+    (lambda r: r["parts"][0].update(units=[0, 99]), "outside"),
+    (lambda r: r["parts"][0]["replicas"][0].update(units=[7]), "subset of the part's units"),
+    (lambda r: r["parts"][0]["replicas"][0].update(device="nope"), "not in the cluster"),
+    (lambda r: r.update(kind="diagonal"), "kind: expected one of"),
 ])
-def test_malformed_regions_are_plan_errors(bad, message):
+def test_malformed_regions_are_refused_at_load(horizontal, tmp_path, edit, message):
+    plan, _ = horizontal
+    plan.save(tmp_path / "plan")
+    path = tmp_path / "plan" / "plan.json"
+    d = json.loads(path.read_text())
+    edit(d["regions"][0])
+    path.write_text(json.dumps(d))
     with pytest.raises(PlanError, match=message):
-        parse_regions(bad)
+        edgesplit.Plan.load(tmp_path / "plan")
 
 
 def test_report_counts_and_recovery_time():
@@ -146,9 +186,8 @@ def test_report_counts_and_recovery_time():
 
 
 def test_plans_from_the_rewrite_package_degrade_or_fail_per_device(zoo_graphs):
-    rewrite = pytest.importorskip("edgesplit.rewrite.partition")
     graph = zoo_graphs["resnet"]
-    plan = rewrite.partition(graph, Cluster.simulated(3), strategy="hybrid")
+    plan = partition(graph, Cluster.simulated(3), strategy="hybrid")
     x = random_inputs(plan.inputs, {"batch": 2})
     ex = LocalExecutor(plan, allow_degraded=True)
     full = ex.run(x).outputs["output"]

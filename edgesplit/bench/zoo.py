@@ -6,7 +6,6 @@ convolutions; inception: branches that fan out and merge. All include BatchNorm,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -215,43 +214,33 @@ def build(name: str, directory: str | Path, **kw) -> Path:
     return export(factory(), shape, Path(directory) / f"{name}.onnx", **kw)
 
 
-def replicated_conv(channels: int = 4, size: int = 8, batch: int | str = "batch", zero_b: bool = False,
-                    seed: int = 0) -> onnx.ModelProto:
-    """x -> Conv/Relu -> [Conv A | Conv B | replica of A] -> Concat -> Relu/GAP/Flatten/Gemm -> y, with the split
-    declared as an `edgesplit.regions` model property: A on dev1, B on dev2, A's replica on dev3, fill zeros.
-
-    A and B have `channels` output channels each. `zero_b` zeroes part B's weights: the model a degraded answer
-    without B must equal exactly.
-    """
+def split_conv(channels: int = 4, size: int = 8, batch: int | str = "batch", seed: int = 0,
+               zero_units: tuple[int, ...] = ()) -> onnx.ModelProto:
+    """x -> stem Conv/Relu -> conv1 (2 x `channels` outputs) -> conv2 (`channels` outputs) -> Relu/GAP/Flatten/Gemm
+    -> y, plain ONNX for failure tests: conv1 is split by output channels, conv2 by input channels.
+    `zero_units` zeroes those output channels of conv1 (weights and bias): what a plan that lost exactly those
+    channels must answer."""
     rng = np.random.default_rng(seed)
     w = lambda *s: rng.standard_normal(s).astype(np.float32) * 0.3  # noqa: E731
-    stem = 2 * channels
-    wa, ba, wb, bb = w(channels, stem, 3, 3), w(channels), w(channels, stem, 3, 3), w(channels)
-    if zero_b:
-        wb, bb = np.zeros_like(wb), np.zeros_like(bb)
+    stem, wide = 2 * channels, 2 * channels
+    w1, b1 = w(wide, stem, 3, 3), w(wide)
+    w1[list(zero_units)], b1[list(zero_units)] = 0.0, 0.0
     inits = [numpy_helper.from_array(a, n) for a, n in [
-        (w(stem, 3, 3, 3), "w0"), (w(stem), "b0"), (wa, "wa"), (ba, "ba"), (wb, "wb"), (bb, "bb"),
-        (w(10, stem), "wf"), (w(10), "bf")]]
+        (w(stem, 3, 3, 3), "w0"), (w(stem), "b0"), (w1, "w1"), (b1, "b1"), (w(channels, wide, 3, 3), "w2"),
+        (w(channels), "b2"), (w(10, channels), "wf"), (w(10), "bf")]]
     conv = dict(pads=[1, 1, 1, 1], kernel_shape=[3, 3])
     nodes = [
         helper.make_node("Conv", ["x", "w0", "b0"], ["h0"], name="stem_conv", **conv),
         helper.make_node("Relu", ["h0"], ["h"], name="stem_relu"),
-        helper.make_node("Conv", ["h", "wa", "ba"], ["a"], name="conv1_a", **conv),
-        helper.make_node("Conv", ["h", "wb", "bb"], ["b"], name="conv1_b", **conv),
-        helper.make_node("Conv", ["h", "wa", "ba"], ["a_r"], name="conv1_a_r", **conv),
-        helper.make_node("Concat", ["a", "b"], ["c"], name="concat1", axis=1),
-        helper.make_node("Relu", ["c"], ["r"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Conv", ["h", "w1", "b1"], ["c1"], name="conv1", **conv),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", **conv),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
         helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
         helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1),
     ]
-    graph = helper.make_graph(nodes, "replicated_conv",
+    graph = helper.make_graph(nodes, "split_conv",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    regions = [{"name": "conv1", "kind": "lop", "layers": ["conv1"], "combine": "concat1", "fill": "zeros",
-                "parts": [{"nodes": ["conv1_a"], "output": "a", "device": "dev1", "share": 0.5,
-                           "replicas": [{"device": "dev3", "nodes": ["conv1_a_r"], "output": "a_r"}]},
-                          {"nodes": ["conv1_b"], "output": "b", "device": "dev2", "share": 0.5, "replicas": []}]}]
-    helper.set_model_props(model, {"edgesplit.regions": json.dumps(regions)})
-    return model
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

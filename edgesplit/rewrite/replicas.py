@@ -1,8 +1,9 @@
 """Replicas as graph surgery: a subset of one part's units computed again, on another device.
 
 A replica reads what its part reads and outputs its units only:
-- a part that is one Conv / Gemm / MatMul with a constant weight (a plain output-channel or neuron split) is copied
-  with its weight (and bias) cut to the replica's units: it costs len(units) / len(part units) of the part;
+- a part that is a Conv / Gemm / MatMul with a constant weight (a plain output-channel or neuron split), then at
+  most activations, is copied with its weight (and bias) cut to the replica's units: it costs
+  len(units) / len(part units) of the part;
 - any other Concat part (followers, spatial tiles) is copied whole, then the replica's units are gathered from it;
 - a Sum part (input channels, attention heads, MLP neurons) is copied whole with the weight of its last layer
   masked to the replica's units, so its output is exactly those units' partial sum.
@@ -10,7 +11,7 @@ A replica reads what its part reads and outputs its units only:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -21,6 +22,8 @@ from edgesplit.layout import Combine, Part, Region, Replica, ReplicaMode
 from edgesplit.rewrite.base import Editor, SplitError, attr
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
+ELEMENTWISE = ("Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
+               "Softplus", "Gelu", "Erf", "Identity", "Dropout")
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,10 @@ def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str
     positions = [part.units.index(u) for u in req.units]
     nodes = [ed.node(n) for n in part.nodes]
     last = next(n for n in nodes if part.output in n.output)
-    if region.combine is Combine.CONCAT and len(nodes) == 1 and _sliceable(ed, last):
-        return [_cut_weights(ed, last, positions, tag)], f"{part.output}{tag}"
+    if region.combine is Combine.CONCAT and _sliceable(ed, nodes[0]) and all(_per_element(ed, n) for n in nodes[1:]):
+        head = _cut_weights(ed, nodes[0], positions, tag)
+        rest, names = _copy(ed, nodes[1:], tag, {nodes[0].output[0]: head.output[0]})
+        return [head, *rest], names[part.output]
     copies, names = _copy(ed, nodes, tag)
     if region.combine is Combine.CONCAT or region.combine is Combine.MAX:
         if positions == list(range(len(part.units))):
@@ -98,6 +103,12 @@ def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str
 def _sliceable(ed: Editor, node: onnx.NodeProto) -> bool:
     return node.op_type in WEIGHTED and len(node.input) > 1 and ed.is_const(node.input[1]) and \
         (node.op_type != "Conv" or attr(node, "group", 1) == 1)
+
+
+def _per_element(ed: Editor, node: onnx.NodeProto) -> bool:
+    """An activation whose only constants are scalars: it commutes with taking some channels."""
+    consts = [i for i in node.input[1:] if i]
+    return node.op_type in ELEMENTWISE and all(ed.is_const(i) and ed.array(i).size == 1 for i in consts)
 
 
 def _out_axis(ed: Editor, node: onnx.NodeProto) -> int:
@@ -122,8 +133,9 @@ def _cut_weights(ed: Editor, node: onnx.NodeProto, positions: list[int], tag: st
     return copy
 
 
-def _copy(ed: Editor, nodes: list[onnx.NodeProto], tag: str) -> tuple[list[onnx.NodeProto], dict[str, str]]:
-    names = {o: f"{o}{tag}" for n in nodes for o in n.output if o}
+def _copy(ed: Editor, nodes: list[onnx.NodeProto], tag: str,
+          renamed: Mapping[str, str] | None = None) -> tuple[list[onnx.NodeProto], dict[str, str]]:
+    names = {**(renamed or {}), **{o: f"{o}{tag}" for n in nodes for o in n.output if o}}
     copies = []
     for n in nodes:
         c = onnx.NodeProto()

@@ -1,0 +1,135 @@
+"""Partial replicas built through the API, every failure set, against an independent reference: the unsplit model
+run by onnxruntime with exactly the lost units zeroed."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import edgesplit
+from edgesplit.bench import zoo
+from edgesplit.cluster import Cluster
+from edgesplit.layout import Combine, Region, ReplicaMode
+from edgesplit.planner import plan as plan_of
+from edgesplit.planner import with_replicas
+from edgesplit.rewrite import SplitRequest
+from edgesplit.rewrite.replicas import ReplicaRequest
+from edgesplit.runtime.common import random_inputs
+from edgesplit.runtime.local import LocalExecutor, run_whole_model
+from test_failures import REST, split_layout
+
+CHANNELS = 4  # conv1 has 8 output channels, conv2 8 input channels
+HOT, STANDBY = ReplicaMode.HOT, ReplicaMode.STANDBY
+DEVICES = ("dev1", "dev2", "dev3")
+
+
+def failure_sets(devices=DEVICES):
+    return [frozenset(c) for k in range(len(devices) + 1) for c in itertools.combinations(devices, k)]
+
+
+def lost_units(region: Region, down: frozenset[str]) -> list[int]:
+    """Units of parts on down devices that no live replica holds."""
+    lost = []
+    for part in region.parts:
+        if part.device in down:
+            held = {u for r in part.replicas if r.device not in down for u in r.units}
+            lost += [u for u in part.units if u not in held]
+    return lost
+
+
+def zeroed(model: onnx.ModelProto, weight: str, axis: int, units: list[int], bias: str | None = None) -> onnx.ModelProto:
+    """The model with `units` of `weight` (along `axis`) and of `bias` set to zero."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in (weight, bias):
+            a = numpy_helper.to_array(t).copy()
+            index = [slice(None)] * a.ndim
+            index[axis if t.name == weight else 0] = units
+            a[tuple(index)] = 0
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    return out
+
+
+def replicated(kind: str, layer: str, replicas) -> tuple:
+    graph = edgesplit.load(zoo.split_conv(CHANNELS))
+    cluster = Cluster.simulated(4)
+    rest = {n: "dev0" for n in REST + ["conv1", "conv2"] if n != layer}
+    split, where = split_layout(graph, cluster, [SplitRequest(kind, (layer,), ("dev1", "dev2"))], rest, "dev0")
+    region = split.regions[0]
+    requests = [ReplicaRequest(region.name, part, units, device, mode) for part, units, device, mode in replicas]
+    split, where = with_replicas(split, where, requests)
+    return plan_of(split, cluster, where), graph
+
+
+# part 0 holds units 0-3 (dev1), part 1 units 4-7 (dev2): pieces of each on the other devices, hot and standby
+SPREAD = [(0, (0, 1), "dev2", STANDBY), (0, (3,), "dev3", HOT), (1, (4, 5, 6), "dev3", STANDBY),
+          (1, (7,), "dev1", HOT)]
+
+
+@pytest.mark.parametrize("kind, layer, weight, axis, bias", [
+    ("lop", "conv1", "w1", 0, "b1"),  # Concat: lost output channels are zeros
+    ("lip", "conv2", "w2", 1, None),  # Sum: lost input channels contribute nothing
+])
+def test_every_failure_set_equals_the_model_with_the_lost_units_zeroed(kind, layer, weight, axis, bias):
+    plan, graph = replicated(kind, layer, SPREAD)
+    region = plan.regions[0]
+    assert region.combine is (Combine.CONCAT if kind == "lop" else Combine.SUM)
+    assert [len(p.replicas) for p in region.parts] == [2, 2]
+    x = random_inputs(plan.inputs, {"batch": 2}, seed=3)
+    ex = LocalExecutor(plan, allow_degraded=True)
+    for down in failure_sets():
+        lost = lost_units(region, down)
+        got = ex.run(x, failed=down)
+        want = run_whole_model(zeroed(graph.model, weight, axis, lost, bias), x)["y"]
+        np.testing.assert_allclose(got.outputs["y"], want, rtol=1e-4, atol=1e-5, err_msg=f"down {sorted(down)}")
+        assert got.degraded == bool(lost), (sorted(down), lost)
+    # the reference can tell: losing unit 2 (no replica) changes the answer
+    assert not np.allclose(ex.run(x, failed={"dev1"}).outputs["y"], run_whole_model(graph.model, x)["y"])
+
+
+def test_replicas_covering_a_part_give_a_full_answer_from_two_devices():
+    plan, graph = replicated("lop", "conv1", [(0, (0, 1), "dev2", STANDBY), (0, (2, 3), "dev3", STANDBY)])
+    x = random_inputs(plan.inputs, {"batch": 1}, seed=4)
+    got = LocalExecutor(plan).run(x, failed={"dev1"})  # no degraded answers allowed: the replicas cover it all
+    assert not got.degraded
+    np.testing.assert_allclose(got.outputs["y"], run_whole_model(graph.model, x)["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_plain_output_channel_replica_holds_only_its_weights():
+    plan, _ = replicated("lop", "conv1", [(0, (1,), "dev3", STANDBY)])
+    part = plan.regions[0].parts[0]
+    (stage,) = [s for s in plan.stages if set(part.replicas[0].nodes) <= set(s.layers)]
+    (own,) = [s for s in plan.stages if set(part.nodes) <= set(s.layers)]
+    assert stage.param_bytes * len(part.units) == own.param_bytes  # one of the part's four channels
+
+
+def test_standby_replicas_run_only_after_a_loss():
+    plan, _ = replicated("lip", "conv2", SPREAD)
+    router = LocalExecutor(plan, allow_degraded=True).router
+    hot = {r.device for p in plan.regions[0].parts for r in p.replicas if r.mode is HOT}
+    full = router.route()
+    stages = {s.name for s in full.stages}
+    standby = [s.name for s in plan.stages for p in plan.regions[0].parts for r in p.replicas
+               if r.mode is STANDBY and set(r.nodes) <= set(s.layers)]
+    assert standby and not stages & set(standby)
+    assert hot <= full.devices
+    assert set(standby) & {s.name for s in router.route(frozenset({"dev1"})).stages}
+
+
+@pytest.mark.parametrize("request_, message", [
+    (ReplicaRequest("lop:conv1", 0, (5,), "dev3"), "subset of the part's units"),
+    (ReplicaRequest("lop:conv1", 0, (0,), "dev1"), "holds the part itself"),
+    (ReplicaRequest("lop:nope", 0, (0,), "dev3"), "no such region"),
+])
+def test_bad_replica_requests_are_refused(request_, message):
+    graph = edgesplit.load(zoo.split_conv(CHANNELS))
+    cluster = Cluster.simulated(4)
+    split, where = split_layout(graph, cluster, [SplitRequest("lop", ("conv1",), ("dev1", "dev2"))],
+                                {n: "dev0" for n in REST + ["conv2"]}, "dev0")
+    with pytest.raises(edgesplit.EdgesplitError, match=message):
+        with_replicas(split, where, [request_])
