@@ -459,3 +459,35 @@ def test_cli_streams_a_directory_through_ray(ray_instance, plans, tmp_path: Path
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "z.npz") as z, np.load(tmp_path / "y.npz") as y:
         np.testing.assert_array_equal(z["output"], y["output"])
+
+
+@pytest.mark.parametrize("kind, layer", [("lop", "conv1"), ("lip", "conv2")])
+def test_lost_parts_are_rebuilt_from_several_replicas_as_in_the_local_executor(ray_instance, kind, layer):
+    from test_replicas import SPREAD, failure_sets, replicated
+
+    plan, _ = replicated(kind, layer, SPREAD)
+    local = LocalExecutor(plan, threads=1, allow_degraded=True)
+    requests = _requests(plan, 2, batch=2)
+    with executor(plan, dataplane="tasks", allow_degraded=True, rejoin_interval=None) as ex:
+        for down in failure_sets():
+            ex.down = dict.fromkeys(down, "died")  # routed around as after a loss; the actors stay up
+            for x in requests:
+                got, want = ex.run(x), local.run(x, failed=down)
+                np.testing.assert_allclose(got.outputs["y"], want.outputs["y"], rtol=1e-6, atol=1e-7)
+                assert got.missing_devices == want.missing_devices, sorted(down)
+
+
+def test_killing_a_part_with_hot_and_standby_replicas_degrades_only_its_uncovered_units(ray_instance):
+    from test_replicas import SPREAD, replicated
+
+    plan, _ = replicated("lop", "conv1", SPREAD)
+    reference = LocalExecutor(plan, threads=1, allow_degraded=True, failed={"dev1"})
+    requests = _requests(plan, 10)
+    with executor(plan, dataplane="tasks", allow_degraded=True, rejoin_interval=None) as ex:
+        answers = answers_meanwhile(ex.session(4).stream(requests), {2: lambda: kill(ex, "dev1")})
+    assert all(isinstance(a, RunResult) for a in answers)
+    after = [(a, x) for a, x in zip(answers, requests) if a.degraded]
+    assert after and all(a.missing_devices == ("dev1",) for a, _ in after)
+    # part A lost: units 0-1 from dev2's standby replica, 3 from dev3's hot one, only unit 2 filled
+    for a, x in after:
+        np.testing.assert_allclose(a.outputs["y"], reference.run(x).outputs["y"], rtol=1e-6, atol=1e-7)
