@@ -133,3 +133,64 @@ def test_bad_replica_requests_are_refused(request_, message):
                                 {n: "dev0" for n in REST + ["conv2"]}, "dev0")
     with pytest.raises(edgesplit.EdgesplitError, match=message):
         with_replicas(split, where, [request_])
+
+
+# ---- Transformer regions: attention heads and MLP neurons (Sum) ----
+
+def exit_rows_zeroed(model: onnx.ModelProto, lost: dict[str, tuple[int, list[int]]]) -> onnx.ModelProto:
+    """The model with, per exit layer, the input rows of the lost units zeroed (units: equal blocks of rows)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {n.name: n for n in out.graph.node}
+    producer = {o: n for n in out.graph.node for o in n.output}
+    inits = {t.name: t for t in out.graph.initializer}
+    for exit_name, (units, gone) in lost.items():
+        node = nodes[exit_name]
+        weight, transposed = node.input[1], False
+        if weight not in inits:  # a Transpose of the weight
+            weight, transposed = producer[weight].input[0], True
+        w = numpy_helper.to_array(inits[weight]).copy()
+        axis = 0 if (node.op_type == "MatMul") != transposed else 1
+        if node.op_type == "Gemm" and not transposed:
+            axis = 1 if any(a.name == "transB" and a.i for a in node.attribute) else 0
+        per = w.shape[axis] // units
+        for u in gone:
+            index = [slice(None)] * w.ndim
+            index[axis] = slice(u * per, (u + 1) * per)
+            w[tuple(index)] = 0
+        inits[weight].CopyFrom(numpy_helper.from_array(w, weight))
+    return out
+
+
+@pytest.mark.slow
+def test_transformer_heads_and_neurons_every_failure_set(tmp_path):
+    pytest.importorskip("transformers")  # a third-party package, not one of ours
+    from test_transformer_split_models import export
+
+    from edgesplit.rewrite.concrete import sample_inputs
+    from edgesplit.rewrite.transformer import split_transformer
+
+    graph = edgesplit.load(export("bert", tmp_path))
+    cluster = Cluster.simulated(3)
+    split = split_transformer(graph, cluster, devices=["dev0", "dev1"], vocab=False)
+    sums = [r for r in split.graph.regions if r.kind in ("heads", "neurons")]
+    assert len(sums) == 2 * split.blocks
+    requests = []
+    for r in sums:  # dev1's part of every block: half its units on dev2 (standby), one unit on dev0 (hot)
+        part = next(i for i, p in enumerate(r.parts) if p.device == "dev1")
+        units = r.parts[part].units
+        requests += [ReplicaRequest(r.name, part, units[: len(units) // 2], "dev2"),
+                     ReplicaRequest(r.name, part, units[-1:], "dev0", HOT)]
+    graph2, where = with_replicas(split.graph, split.placement, requests)
+    plan = plan_of(graph2, cluster, where)
+    x = sample_inputs(graph, {"batch": 2, "seq": 5}, seed=2)
+    ex = LocalExecutor(plan, allow_degraded=True)
+    for down in failure_sets(("dev1", "dev2")):  # dev0 holds everything outside the parts
+        lost = {r.name.split(":", 1)[1]: (r.units, lost_units(r, down)) for r in plan.regions
+                if r.kind in ("heads", "neurons")}
+        want = run_whole_model(exit_rows_zeroed(graph.model, lost), x)["out"]
+        got = ex.run(x, failed=down)
+        np.testing.assert_allclose(got.outputs["out"], want, rtol=1e-4, atol=1e-4, err_msg=f"down {sorted(down)}")
+        assert got.degraded == any(g for _, g in lost.values())
+    assert not np.allclose(ex.run(x, failed={"dev1"}).outputs["out"], run_whole_model(graph.model, x)["out"],
+                           atol=1e-4)

@@ -81,9 +81,11 @@ def _check(req: ReplicaRequest, regions: dict[str, Region]) -> list[str]:
 
 def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str) -> tuple[list[onnx.NodeProto], str]:
     positions = [part.units.index(u) for u in req.units]
-    nodes = [ed.node(n) for n in part.nodes]
+    nodes = [ed.node(n) for n in _closure(ed, part)]
     last = next(n for n in nodes if part.output in n.output)
-    if region.combine is Combine.CONCAT and _sliceable(ed, nodes[0]) and all(_per_element(ed, n) for n in nodes[1:]):
+    plain = [n.name for n in nodes] == list(part.nodes)
+    if region.combine is Combine.CONCAT and plain and _sliceable(ed, nodes[0]) and \
+            all(_per_element(ed, n) for n in nodes[1:]):
         head = _cut_weights(ed, nodes[0], positions, tag)
         rest, names = _copy(ed, nodes[1:], tag, {nodes[0].output[0]: head.output[0]})
         return [head, *rest], names[part.output]
@@ -98,6 +100,23 @@ def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str
     exit_copy = copies[[n.name for n in nodes].index(last.name)]
     _mask_rows(ed, exit_copy, positions, len(part.units), region.name)
     return copies, names[part.output]
+
+
+def _closure(ed: Editor, part: Part) -> list[str]:
+    """The part's nodes, and the nodes of other parts on its device that they read from (side inputs computed
+    once per device, e.g. an attention mask): the replica must not depend on the device it stands in for."""
+    on_device = {o: n for r in ed.regions for p in r.parts if p.device == part.device and p is not part
+                 for n in p.nodes for o in ed.node(n).output}
+    chosen = list(part.nodes)
+    todo = list(part.nodes)
+    while todo:
+        for t in ed.node(todo.pop()).input:
+            n = on_device.get(t)
+            if n is not None and n not in chosen:
+                chosen.append(n)
+                todo.append(n)
+    order = {n.name: i for i, n in enumerate(ed.nodes)}
+    return sorted(chosen, key=order.__getitem__)
 
 
 def _sliceable(ed: Editor, node: onnx.NodeProto) -> bool:
