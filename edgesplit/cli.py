@@ -12,6 +12,7 @@ import numpy as np
 from rich.console import Console
 
 from edgesplit.errors import EdgesplitError
+from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy
 from edgesplit.runtime.streamio import read_npz
 
 _WIDTH = shutil.get_terminal_size((140, 40)).columns  # wide tables when output is not a terminal
@@ -93,12 +94,12 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 @click.option("--mapping", type=click.Path(path_type=Path), help="Mapping JSON (AutoDiCE) or YAML; default: automatic.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan directory to write.")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for byte counts, NAME=SIZE.")
-@click.option("--kv-cache", type=click.Choice(["gather", "shard"]), default="gather", show_default=True,
+@click.option("--kv-cache", type=click.Choice(KvCache.names()), default="gather", show_default=True,
               help="strategy heads, decoder with a KV cache: gather keeps the model interface, shard keeps each device its heads' cache.")
-@click.option("--strategy", type=click.Choice(["vertical", "horizontal", "hybrid", "heads"]), default="vertical", show_default=True,
+@click.option("--strategy", type=click.Choice(Strategy.names()), default="vertical", show_default=True,
               help="vertical: layer ranges per device; horizontal: split layers across devices; hybrid: both; "
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
-@click.option("--split", "split", type=click.Choice(["channels", "spatial", "auto"]), default="auto", show_default=True,
+@click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, output: Path,
               dims: tuple[str, ...], strategy: str, split: str, kv_cache: str) -> None:
@@ -126,11 +127,11 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
               help="Many requests: an .npz with a leading request axis, or a directory of .npz files.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help=".npz to write the outputs to.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--allow-degraded", is_flag=True, help="Answer with zeros for parts on dead devices (marked degraded).")
 @click.option("--deadline", type=float, default=30.0, show_default=True, help="Seconds a request may take (ray).")
-@click.option("--dataplane", type=click.Choice(["auto", "tasks", "compiled"]), default="auto", show_default=True,
+@click.option("--dataplane", type=click.Choice(Dataplane.names()), default="auto", show_default=True,
               help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
               help="ray: requests sent through each device per call; more divides Ray's per-call cost (throughput), "
@@ -144,7 +145,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
     if (input_path is None) == (stream_path is None):
         raise EdgesplitError("expected exactly one of --input FILE.npz or --stream FILE.npz|DIR")
     plan = Plan.load(plan_dir)
-    if stream_path is not None or backend == "ray":
+    if stream_path is not None or backend == Backend.RAY:
         from edgesplit.runtime import streamio
 
         requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
@@ -203,7 +204,7 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--tokenizer", type=click.Path(path_type=Path),
               help="Directory with tokenizer.json (default: the plan directory, then next to the source model).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
 def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,

@@ -48,6 +48,14 @@ class Strategy(Choice):
     HEADS = "heads"
 
 
+class SplitFamily(Choice):
+    """What the automatic horizontal choice may use (`--split`)."""
+
+    CHANNELS = "channels"
+    SPATIAL = "spatial"
+    AUTO = "auto"
+
+
 class SplitKind(Choice):
     LOP = "lop"  # output channels / neurons of a Conv, Gemm or MatMul
     LIP = "lip"  # input channels (partial sums)

@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from edgesplit.errors import EdgesplitError, InputError, PlanError
+from edgesplit.layout import Backend
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import session_options
 from edgesplit.runtime.kvstage import PAST, PRESENT, KVStage
@@ -255,13 +256,15 @@ class Generation:
 class Decoder:
     """A Plan (or a whole model) ready to generate: one session per stage, built once, reused across prompts."""
 
-    def __init__(self, model: Model, threads: int | None = None, backend: str = "local",
+    def __init__(self, model: Model, threads: int | None = None, backend: Backend | str = Backend.LOCAL,
                  address: str | None = None) -> None:
-        if backend not in ("local", "ray"):
-            raise InputError(f"expected backend 'local' or 'ray', got {backend!r}")
+        try:
+            backend = Backend.parse(backend, "backend")
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         states, self.inputs, outputs = _states(model, threads)
         _check_decoder(self.inputs, outputs, states, model.stage_models if isinstance(model, Plan) else {})
-        if backend == "ray":
+        if backend is Backend.RAY:
             if not isinstance(model, Plan):
                 raise InputError("the ray backend runs a Plan; partition the model first")
             if any(s.shape_only for s in states):

@@ -22,6 +22,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError, RayTaskError
 
 from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, PlanError, StageError
+from edgesplit.layout import Dataplane
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, check_inputs
@@ -29,7 +30,6 @@ from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, Reque
                                         Tally)
 from edgesplit.runtime.rayworker import DeviceWorker
 
-DATAPLANES = ("auto", "compiled", "tasks")
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
 WARMUP_TIMEOUT = 120.0
 COMPILE_COOLDOWN = 5.0
@@ -42,10 +42,12 @@ class RayExecutor:
     """Deploys a Plan on Ray (a cluster at `address`, else a local instance simulating the plan's devices)."""
 
     def __init__(self, plan: Plan, address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
-                 deadline: float = 30.0, dataplane: str = "auto", rejoin_interval: float | None = 1.0,
+                 deadline: float = 30.0, dataplane: Dataplane | str = Dataplane.AUTO, rejoin_interval: float | None = 1.0,
                  connect_timeout: float = 10.0, ready_timeout: float = 60.0, ping_timeout: float = 5.0) -> None:
-        if dataplane not in DATAPLANES:
-            raise EdgesplitError(f"expected dataplane one of {list(DATAPLANES)}, got {dataplane!r}")
+        try:
+            plane = Dataplane.parse(dataplane, "dataplane")
+        except ValueError as exc:
+            raise EdgesplitError(str(exc)) from None
         if not deadline > 0:
             raise EdgesplitError(f"expected a deadline > 0 seconds, got {deadline}")
         problems = plan.validate()
@@ -55,8 +57,8 @@ class RayExecutor:
         self.router = Router(plan, allow_degraded)
         self.deadline = deadline
         self.ping_timeout = min(ping_timeout, deadline)  # a live device answers a ping at once, even when busy
-        self.dataplane = dataplane
-        self.chosen: str | None = None if dataplane == "auto" else dataplane  # auto: decided by calibrate()
+        self.dataplane = plane
+        self.chosen: Dataplane | None = None if plane is Dataplane.AUTO else plane  # auto: decided by calibrate()
         self.calibration: dict[str, float] = {}
         self.compile_error = ""  # why the last attempt at a compiled graph failed (then actor calls are used)
         self.rejoin_interval = rejoin_interval
@@ -170,7 +172,7 @@ class RayExecutor:
     # ---- compiled graph for the steady state (all devices up) ----
 
     def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
-        if self.chosen != "compiled" or self.down or route.stand_ins:
+        if self.chosen != Dataplane.COMPILED or self.down or route.stand_ins:
             return None
         request_bytes = sum(values[0].nbytes for values in arrays.values() if values)
         if self._compiled is not None and (chunk > self._sized_for[0] or request_bytes > self._sized_for[1]):
@@ -238,23 +240,24 @@ class RayExecutor:
 
         Compiled Graphs cut the per-hop cost several times but their channel readers poll: on a device with few
         cores that polling takes CPU from the stages, so which one wins depends on the plan and the devices."""
-        rates = {"tasks": 0.0, "compiled": 0.0}
+        rates = {Dataplane.TASKS: 0.0, Dataplane.COMPILED: 0.0}
         burst = max(burst, 3 * chunk)
         for _ in range(rounds):
             for plane in rates:
                 self.chosen = plane
                 session = Session(self, max_in_flight or burst, listen=False, chunk=chunk)
                 list(session.stream([inputs] * 2))
-                if plane == "compiled" and self._compiled is None:
+                if plane is Dataplane.COMPILED and self._compiled is None:
                     continue  # no compiled graph for this plan
                 t0 = time.perf_counter()
                 answers = list(session.stream([inputs] * burst))
                 if not any(isinstance(a, EdgesplitError) for a in answers):
                     rates[plane] = max(rates[plane], burst / (time.perf_counter() - t0))
-                if plane == "compiled":
+                if plane is Dataplane.COMPILED:
                     self.drop_compiled(cooldown=False)  # its polling must not slow the next tasks burst
         # compiled must win clearly: it also costs a rebuild (seconds) after every failure, and CPU while idle
-        self.chosen = "compiled" if rates["compiled"] > COMPILED_MARGIN * rates["tasks"] else "tasks"
+        faster = rates[Dataplane.COMPILED] > COMPILED_MARGIN * rates[Dataplane.TASKS]
+        self.chosen = Dataplane.COMPILED if faster else Dataplane.TASKS
         self.calibration = rates
         return rates
 

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgesplit.errors import EdgesplitError, InputError
+from edgesplit.layout import Backend
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import RunResult
 from edgesplit.runtime.failures import RunReport, Tally
@@ -74,7 +75,7 @@ def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Conso
                TextColumn("{task.fields[rate]}"))
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(f"{backend} {plan.model_name}", total=len(requests), rate="")
-        if backend == "ray":
+        if Backend.parse(backend, "backend") is Backend.RAY:
             from edgesplit.runtime.ray import RayExecutor
 
             with RayExecutor(plan, address=address, threads=threads, allow_degraded=allow_degraded,
