@@ -109,6 +109,23 @@ def partition_time(path: Path, out: Path, devices: int = 4) -> dict:
             "load_s": t1 - t0, "partition_s": t2 - t1, "save_s": t3 - t2, "total_s": t3 - t0, "goal_s": 10.0}
 
 
+def planner_time(graphs: dict[str, edgesplit.Graph], repeats: int, devices: int = 4) -> list[dict]:
+    """Time of one call of the planner from a ready (loaded) graph: the cost a search pays per built plan."""
+    rows = []
+    for name, graph in graphs.items():
+        for strategy in ("vertical", "horizontal"):
+            cluster = edgesplit.Cluster.simulated(devices)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                plan = edgesplit.partition(graph, cluster, strategy=strategy)
+                times.append(time.perf_counter() - t0)
+            rows.append({"model": name, "layers": len(graph.layers), "strategy": strategy, "devices": devices,
+                         "stages": len(plan.stages), "regions": len(plan.regions), "repeats": repeats,
+                         "median_s": statistics.median(times), "min_s": min(times)})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=100)
@@ -127,8 +144,11 @@ def main() -> None:
         over = overhead(r18, repeats, 1 if args.quick else args.rounds)
         quality = balance_quality(models)
         timing = partition_time(big, d / "big-plan")
+        planner = planner_time({"resnet18": edgesplit.load(r18), "densenet-264 (929 layers)": edgesplit.load(big)},
+                               repeats=2 if args.quick else 5)
     rounds = 1 if args.quick else args.rounds
-    data = {"threads": THREADS, "repeats": repeats, "rounds": rounds, "overhead": over, "balance": quality, "partition_time": timing}
+    data = {"threads": THREADS, "repeats": repeats, "rounds": rounds, "overhead": over, "balance": quality, "partition_time": timing,
+            "planner_time": planner}
     sections = [
         ("Local executor overhead (ResNet-18, 1×3×224×224, BatchNorm folded)",
          f"onnxruntime intra-op threads = {THREADS} for every session, thread spinning off (edgesplit's setting), "
@@ -150,6 +170,11 @@ def main() -> None:
          markdown_table(["layers", "parameters", "stages", "load s", "partition s", "save s", "total s", "goal s"],
                         [[timing["layers"], timing["params"], timing["stages"], timing["load_s"], timing["partition_s"],
                           timing["save_s"], timing["total_s"], timing["goal_s"]]])),
+        ("Planner time from a loaded graph (rewrite + placement + memory check + cut, no file I/O)",
+         f"4 simulated devices, median of {planner[0]['repeats']} calls.\n\n" +
+         markdown_table(["model", "layers", "strategy", "stages", "regions", "median s", "min s"],
+                        [[r["model"], r["layers"], r["strategy"], r["stages"], r["regions"], r["median_s"], r["min_s"]]
+                         for r in planner])),
     ]
     path = write_report("core", "Core benchmarks: overhead, balance, partitioning time", data, sections)
     print(path.read_text())
