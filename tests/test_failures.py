@@ -146,9 +146,8 @@ def test_report_counts_and_recovery_time():
 
 
 def test_plans_from_the_rewrite_package_degrade_or_fail_per_device(zoo_graphs):
-    rewrite = pytest.importorskip("edgesplit.rewrite.partition")
     graph = zoo_graphs["resnet"]
-    plan = rewrite.partition(graph, Cluster.simulated(3), strategy="hybrid")
+    plan = partition(graph, Cluster.simulated(3), strategy="hybrid")
     x = random_inputs(plan.inputs, {"batch": 2})
     ex = LocalExecutor(plan, allow_degraded=True)
     full = ex.run(x).outputs["output"]
