@@ -27,12 +27,14 @@ from edgesplit.bench.harness import interleaved_medians, markdown_table, write_r
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
 from edgesplit.report import region_bytes as region_bytes_moved
+from edgesplit.layout import Region
+from edgesplit.place.parts import HorizontalSpec, place
+from edgesplit.place.regions import boundary, channel_requests, spatial_requests
 from edgesplit.plan import Plan, cut
-from edgesplit.rewrite import SplitRequest, apply
-from edgesplit.rewrite.assign import placement
-from edgesplit.rewrite.auto import boundary, channel_requests, spatial_requests
-from edgesplit.rewrite.fused import lip_units, lop_units
-from edgesplit.rewrite.spatial import WINDOWED
+from edgesplit.rewrite.base import SplitRequest
+from edgesplit.rewrite.cnn import apply
+from edgesplit.rewrite.cnn.fused import lip_units, lop_units
+from edgesplit.rewrite.cnn.spatial import WINDOWED
 from edgesplit.runtime import random_inputs
 from edgesplit.runtime.common import session_options
 
@@ -48,22 +50,22 @@ def vgg_style() -> zoo.VGG:
 def requests_for(graph: Graph, cluster: Cluster, kind: str) -> list[SplitRequest]:
     """The regions of one kind on a model: channel kinds on the weight-heavy part (from the first layer whose
     weights outweigh its input, where channel splits pay), spatial kinds on the activation-heavy part before it."""
-    devs = cluster.names
+    k, speeds = len(cluster.devices), [d.speed for d in cluster.devices]
     cut_at = boundary(graph)
     late = {l.name for l in graph.layers if graph.position(l.name) >= cut_at}
     early = {l.name for l in graph.layers} - late
     weighted = [l.name for l in graph.layers if l.name in late and l.op_type in ("Conv", "Gemm", "MatMul")]
     if kind == "lop":
-        return [SplitRequest("lop", (n,), devs) for n in weighted if lop_units(graph, n) >= DEVICES]
+        return [SplitRequest("lop", (n,), k) for n in weighted if lop_units(graph, n) >= DEVICES]
     if kind == "lip":
-        return [SplitRequest("lip", (n,), devs) for n in weighted if lip_units(graph, n) >= DEVICES]
+        return [SplitRequest("lip", (n,), k) for n in weighted if lip_units(graph, n) >= DEVICES]
     if kind == "fused-channels":
-        return [r for r in channel_requests(graph, devs, late) if r.kind == "fused-channels"]
+        return [r for r in channel_requests(graph, speeds, late) if r.kind == "fused-channels"]
     if kind == "fused-spatial":
-        return [r for r in spatial_requests(graph, cluster, devs, early) if r.kind == "fused-spatial"]
+        return [r for r in spatial_requests(graph, speeds, early) if r.kind == "fused-spatial"]
     windowed = [l.name for l in graph.layers if l.name in early and l.op_type in WINDOWED]
     grid = (2, 2) if kind == "grid" else None
-    return [SplitRequest(kind, (n,), devs, grid=grid) for n in windowed]
+    return [SplitRequest(kind, (n,), k, grid=grid) for n in windowed]
 
 
 def per_layer_twins(graph: Graph, fused: list[SplitRequest]) -> list[SplitRequest]:
@@ -71,32 +73,35 @@ def per_layer_twins(graph: Graph, fused: list[SplitRequest]) -> list[SplitReques
     out = []
     for r in fused:
         if r.kind == "fused-channels":
-            out += [SplitRequest("lop", r.layers[:1], r.devices), SplitRequest("lip", r.layers[-1:], r.devices)]
+            out += [SplitRequest("lop", r.layers[:1], r.parts), SplitRequest("lip", r.layers[-1:], r.parts)]
         else:
-            out += [SplitRequest("height", (n,), r.devices) for n in r.layers if graph.layer(n).op_type in WINDOWED]
+            out += [SplitRequest("height", (n,), r.parts) for n in r.layers if graph.layer(n).op_type in WINDOWED]
     return out
 
 
 def build(graph: Graph, cluster: Cluster, requests: list[SplitRequest]) -> tuple[Graph, Plan]:
-    rewritten = apply(graph, cluster, requests)
-    return rewritten, cut(rewritten, cluster, placement(rewritten, cluster))
+    """Every request's parts on all the cluster's devices, in order (shares: their speeds)."""
+    spec = HorizontalSpec(tuple(requests), (cluster.names,) * len(requests)).by_speed(cluster)
+    rewritten = apply(graph, spec.requests)
+    rewritten, where = place(rewritten, cluster, spec.region_devices(rewritten))
+    return rewritten, cut(rewritten, cluster, where)
 
 
-def region_bytes(rewritten: Graph, plan: Plan, region: dict) -> dict:
+def region_bytes(rewritten: Graph, plan: Plan, region: Region) -> dict:
     """Actual bytes the region moves, the kind's minimum, and the halo-free bound."""
     dev = plan.placement
     producers = rewritten.producers()
     tensors = rewritten.tensors
     actual = region_bytes_moved(plan, region)
-    scatter = set(region["scatter"])
-    part_devices = [p["device"] for p in region["parts"]]
+    scatter = set(region.scatter)
+    part_devices = [p.device for p in region.parts]
     minimum = bound = 0.0
     tiles: dict[str, list[tuple[int, int]]] = defaultdict(list)  # original tensor -> (part index, bytes of its slice)
-    for t in region["inputs"]:
+    for t in region.stats.inputs:
         p = producers.get(t)
         if p in scatter:
             src = rewritten.layer(p).inputs[0]
-            users = [i for i, part in enumerate(region["parts"]) if any(t in rewritten.layer(n).inputs for n in part["nodes"])]
+            users = [i for i, part in enumerate(region.parts) if any(t in rewritten.layer(n).inputs for n in part.nodes)]
             tiles[src] += [(i, tensors[t].nbytes) for i in users]
         elif p is not None:  # broadcast: once to every part device that lacks it
             need = {d for d in part_devices if d != dev[p]}
@@ -108,8 +113,8 @@ def region_bytes(rewritten: Graph, plan: Plan, region: dict) -> dict:
             continue  # a model input: the requester sends each slice, outside the wire count
         far = [(i, b) for i, b in slices if part_devices[i] != dev[p]]
         minimum += sum(b for _, b in far)
-        bound += sum(region["parts"][i]["share"] for i, _ in far) * tensors[src].nbytes
-    gather = min(sum(tensors[p["output"]].nbytes for p in region["parts"] if p["device"] != d) for d in part_devices)
+        bound += sum(region.parts[i].share for i, _ in far) * tensors[src].nbytes
+    gather = min(sum(tensors[p.output].nbytes for p in region.parts if p.device != d) for d in part_devices)
     return {"actual": actual, "minimum": minimum + gather, "halo_free": bound + gather}
 
 
@@ -127,12 +132,12 @@ def bytes_table(name: str, graph: Graph, cluster: Cluster) -> list[dict]:
                 totals[k] += v
         rows.append({
             "model": name, "kind": kind, "regions": len(rewritten.regions),
-            "layers": sum(len(r["layers"]) for r in rewritten.regions),
+            "layers": sum(len(r.layers) for r in rewritten.regions),
             "actual_bytes": int(totals["actual"]), "minimum_bytes": int(totals["minimum"]),
             "halo_free_bytes": int(totals["halo_free"]),
             "ratio": totals["actual"] / totals["minimum"] if totals["minimum"] else 1.0,
             "ratio_halo_free": totals["actual"] / totals["halo_free"] if totals["halo_free"] else 1.0,
-            "redundant_macs_share": sum(r["redundant_macs"] for r in rewritten.regions) / max(1, sum(r["macs"] for r in rewritten.regions)),
+            "redundant_macs_share": sum(r.stats.redundant_macs for r in rewritten.regions) / max(1, sum(r.stats.macs for r in rewritten.regions)),
         })
     return rows
 
@@ -143,7 +148,7 @@ def sync_table(name: str, graph: Graph, cluster: Cluster) -> list[dict]:
         fused = requests_for(graph, cluster, kind)
         if not fused:
             continue
-        syncs = lambda reqs: len({r["combine"] for r in apply(graph, cluster, reqs).regions})  # noqa: E731
+        syncs = lambda reqs: len({r.combine_node for r in apply(graph, reqs).regions})  # noqa: E731
         a, b = syncs(fused), syncs(per_layer_twins(graph, fused))
         rows.append({"model": name, "kind": kind, "regions": len(fused), "fused_syncs": a, "per_layer_syncs": b,
                      "reduction": b / a, "goal": 2.0})
@@ -157,10 +162,10 @@ def param_table(name: str, graph: Graph, cluster: Cluster) -> dict:
     total = sum(graph.layer(n).param_bytes for n in split_layers)
     per_device = defaultdict(int)
     for region in rewritten.regions:
-        head = region["layers"][0]
-        for part in region["parts"]:
-            node = next(n for n in part["nodes"] if n.startswith(head + "/part"))
-            per_device[part["device"]] += rewritten.layer(node).param_bytes
+        head = region.layers[0]
+        for part in region.parts:
+            node = next(n for n in part.nodes if n.startswith(head + "/part"))
+            per_device[part.device] += rewritten.layer(node).param_bytes
     worst = max(per_device.values())
     return {"model": name, "split_layers": len(split_layers), "total_param_bytes": total,
             "per_device": dict(per_device), "max_over_quarter": worst / (total / DEVICES), "goal": 1.05}

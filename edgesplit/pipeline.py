@@ -23,16 +23,17 @@ def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: 
     (edgesplit.rewrite); `split` picks channels, spatial or auto for the automatic choice. With strategy "heads",
     `kv_cache="shard"` gives each device the KV cache of its own heads (for `edgesplit generate`).
     """
-    from edgesplit.rewrite.spec import is_horizontal
+    from edgesplit.place.horizontal import horizontal
+    from edgesplit.place.mapping import is_horizontal
 
     if strategy == "heads":  # Transformers: attention by heads, MLP by neurons, LM head by vocabulary
         from edgesplit.rewrite.transformer import partition_transformer
 
         return partition_transformer(graph, cluster, mapping, dims=dims, kv_cache=kv_cache)
     if strategy != "vertical" or is_horizontal(mapping):
-        from edgesplit.rewrite.partition import partition as horizontal
-
-        return horizontal(graph, cluster, mapping, strategy=strategy, split=split, dims=dims)
+        rewritten, where = horizontal(graph, cluster, mapping, strategy=strategy, split=split, dims=dims)
+        check_memory(rewritten, cluster, where)
+        return cut(rewritten, cluster, where)
     placement = from_mapping(graph, cluster, mapping) if mapping is not None else balance(graph, cluster)
     check_memory(graph, cluster, placement)
     return cut(graph, cluster, placement)

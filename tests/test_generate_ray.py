@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ray = pytest.importorskip("ray")
-tz = pytest.importorskip("edgesplit.bench.transformers_zoo")
+from edgesplit.bench import transformers_zoo as tz  # noqa: E402
 
 from edgesplit.runtime import raycluster  # noqa: E402
 from edgesplit.runtime.generate import generate, load_tokenizer  # noqa: E402

@@ -88,12 +88,8 @@ def plans(vertical):
     split, graph = vertical
     found = {"vertical2": split[2], "vertical3": split[3], "horizontal": split_conv_plan(HORIZONTAL)[0],
              "hybrid": split_conv_plan(HYBRID)[0]}
-    try:
-        from edgesplit.rewrite.partition import partition as split_horizontally
-    except ImportError:  # the rewrite package is optional for this module; its plans are then skipped
-        return found
     for strategy in ("horizontal", "hybrid"):
-        found[f"rewrite-{strategy}"] = split_horizontally(graph, Cluster.simulated(3), strategy=strategy)
+        found[f"rewrite-{strategy}"] = partition(graph, Cluster.simulated(3), strategy=strategy)
     return found
 
 
@@ -109,8 +105,6 @@ def _same(result: RunResult, reference: RunResult) -> None:
 
 @pytest.mark.parametrize("name", ["vertical2", "vertical3", "horizontal", "hybrid", "rewrite-horizontal", "rewrite-hybrid"])
 def test_outputs_identical_to_local_executor_for_both_dataplanes(ray_instance, plans, name):
-    if name not in plans:
-        pytest.skip("edgesplit.rewrite is not available")
     plan = plans[name]
     local = LocalExecutor(plan, threads=1)
     requests = _requests(plan, 6, batch=2)

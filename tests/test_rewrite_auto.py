@@ -8,12 +8,11 @@ import pytest
 
 from edgesplit.cluster import Cluster
 from edgesplit.pipeline import partition
-from edgesplit.plan import cut
-from edgesplit.rewrite import SplitRequest, apply
-from edgesplit.rewrite.assign import placement
-from edgesplit.rewrite.auto import device_groups
+from edgesplit.place.regions import device_groups
+from edgesplit.rewrite.base import SplitRequest
+from edgesplit.rewrite.cnn import apply
 from tests.conftest import ZOO
-from tests.test_rewrite_channels import assert_exact, devices
+from tests.test_rewrite_channels import assert_exact, split_plan
 
 CASES = [(m, s, p) for m, s, p in itertools.product(ZOO, ("horizontal", "hybrid"), ("channels", "spatial", "auto"))]
 
@@ -41,7 +40,7 @@ def test_hybrid_cuts_vertically_and_splits_inside_groups(zoo_graphs):
     assert groups == [{"dev0", "dev1"}, {"dev2", "dev3"}]
     for region in plan.regions:
         used = {p.device for p in region.parts}
-        assert any(used <= g for g in groups), f"{region['name']} straddles groups: {used}"
+        assert any(used <= g for g in groups), f"{region.name} straddles groups: {used}"
     assert {g for r in plan.regions for g in range(2) if {p.device for p in r.parts} <= groups[g]} == {0, 1}
     assert plan.validate() == []  # includes the acyclicity check of the stage graph
     assert_exact(plan, graph)
@@ -50,9 +49,8 @@ def test_hybrid_cuts_vertically_and_splits_inside_groups(zoo_graphs):
 def test_fused_regions_halve_the_synchronisations(zoo_graphs):
     graph = zoo_graphs["resnet"]
     chain = ("/body/body.5/c1/Conv", "/body/body.5/b1/BatchNormalization", "/body/body.5/Relu", "/body/body.5/c2/Conv")
-    fused = apply(graph, Cluster.simulated(4), [SplitRequest("fused-channels", chain, devices(4))])
-    per_layer = apply(graph, Cluster.simulated(4), [SplitRequest("lop", chain[:1], devices(4)),
-                                                     SplitRequest("lip", chain[-1:], devices(4))])
+    fused = apply(graph, [SplitRequest("fused-channels", chain, 4)])
+    per_layer = apply(graph, [SplitRequest("lop", chain[:1], 4), SplitRequest("lip", chain[-1:], 4)])
     syncs = lambda g: len({r.combine_node for r in g.regions})  # noqa: E731
     assert syncs(fused) * 2 <= syncs(per_layer)
 
@@ -61,10 +59,7 @@ def test_channel_split_spreads_parameters(zoo_graphs):
     """A 4-way output-channel split puts about a quarter of the layer's weights on each device."""
     graph = zoo_graphs["vgg"]
     layer = graph.layer("/body/body.11/Conv")
-    cluster = Cluster.simulated(4)
-    rewritten = apply(graph, cluster, [SplitRequest("lop", (layer.name,), devices(4))])
-    where = placement(rewritten, cluster)
-    plan = cut(rewritten, cluster, where)
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", (layer.name,), 4)], Cluster.simulated(4))
     region = rewritten.regions[0]
     for part in region.parts:
         conv = rewritten.layer(part.nodes[0])

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from edgesplit.layout import Region
 from onnx import TensorProto, helper, numpy_helper
 
 import edgesplit
 from edgesplit.cluster import Cluster, Device
+from edgesplit.errors import MappingError
+from edgesplit.layout import Region
+from edgesplit.place.parts import HorizontalSpec, place
 from edgesplit.plan import cut
-from edgesplit.rewrite import SplitRequest, apply
-from edgesplit.rewrite.assign import placement
-from edgesplit.rewrite.base import SplitError, ranges_from, sizes
+from edgesplit.rewrite.base import SplitError, SplitRequest, ranges_from, sizes
+from edgesplit.rewrite.cnn import apply
 from tests.conftest import assert_plan_matches, ZOO
 
 RTOL = 1e-5
@@ -60,8 +60,12 @@ def devices(k: int) -> tuple[str, ...]:
 
 
 def split_plan(graph, requests, cluster):
-    rewritten = apply(graph, cluster, requests)
-    plan = cut(rewritten, cluster, placement(rewritten, cluster))
+    """Rewrite, put part i of every region on dev<i> (shares: the devices' speeds), place every node and cut."""
+    spec = HorizontalSpec(tuple(requests), tuple(devices(r.parts) for r in requests)).by_speed(cluster)
+    rewritten = apply(graph, spec.requests)
+    assert all(p.device is None for r in rewritten.regions for p in r.parts)  # rewrites know no devices
+    rewritten, where = place(rewritten, cluster, spec.region_devices(rewritten))
+    plan = cut(rewritten, cluster, where)
     assert plan.validate() == []
     return rewritten, plan
 
@@ -90,7 +94,7 @@ def test_channel_split_is_exact(name, kind, k, zoo_graphs):
     graph = zoo_graphs[name]
     layers = CHANNEL_CASES[name][kind]
     cluster = Cluster.simulated(k)
-    rewritten, plan = split_plan(graph, [SplitRequest(kind, tuple(layers), devices(k))], cluster)
+    rewritten, plan = split_plan(graph, [SplitRequest(kind, tuple(layers), k)], cluster)
     region = assert_region(rewritten, kind, k)
     assert set(layers) <= set(region.layers)
     assert {s.device for s in plan.stages} == set(devices(k))
@@ -100,7 +104,7 @@ def test_channel_split_is_exact(name, kind, k, zoo_graphs):
 def test_followers_do_not_combine_early(zoo_graphs):
     """BatchNorm and ReLU follow an output-channel split; the combine comes after them."""
     graph = zoo_graphs["vgg"]
-    rewritten, _ = split_plan(graph, [SplitRequest("lop", ("/body/body.4/Conv",), devices(2))], Cluster.simulated(2))
+    rewritten, _ = split_plan(graph, [SplitRequest("lop", ("/body/body.4/Conv",), 2)], Cluster.simulated(2))
     region = rewritten.regions[0]
     assert list(region.layers) == ["/body/body.4/Conv", "/body/body.5/BatchNormalization", "/body/body.6/Relu"]
     combine = rewritten.layer(region.combine_node)
@@ -110,7 +114,7 @@ def test_followers_do_not_combine_early(zoo_graphs):
 def test_concat_of_split_tensors_takes_the_parts(zoo_graphs):
     """A split feeding a channel Concat needs no combine of its own: the Concat becomes the combine."""
     graph = zoo_graphs["inception"]
-    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/b1/b1.0/Conv",), devices(3))],
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/b1/b1.0/Conv",), 3)],
                                  Cluster.simulated(3))
     region = rewritten.regions[0]
     assert region.combine_node == "/body/body.4/Concat"
@@ -121,8 +125,8 @@ def test_concat_of_split_tensors_takes_the_parts(zoo_graphs):
 def test_add_of_identically_split_tensors_follows(zoo_graphs):
     """Two output-channel splits with the same slices meet at the residual Add: one region, one combine."""
     graph = zoo_graphs["resnet"]
-    reqs = [SplitRequest("lop", ("/body/body.5/c2/Conv",), devices(2), points=(6,)),
-            SplitRequest("lop", ("/body/body.5/short/short.0/Conv",), devices(2), points=(6,))]
+    reqs = [SplitRequest("lop", ("/body/body.5/c2/Conv",), 2, points=(6,)),
+            SplitRequest("lop", ("/body/body.5/short/short.0/Conv",), 2, points=(6,))]
     rewritten, plan = split_plan(graph, reqs, Cluster.simulated(2))
     assert len(rewritten.regions) == 1
     region = rewritten.regions[0]
@@ -131,15 +135,47 @@ def test_add_of_identically_split_tensors_follows(zoo_graphs):
     assert_exact(plan, graph)
 
 
+def test_merged_requests_must_ask_for_the_same_devices(zoo_graphs):
+    """Splits meet by their units, not their devices: two requests that become one region need the same devices."""
+    graph = zoo_graphs["resnet"]
+    reqs = (SplitRequest("lop", ("/body/body.5/c2/Conv",), 2, points=(6,)),
+            SplitRequest("lop", ("/body/body.5/short/short.0/Conv",), 2, points=(6,)))
+    rewritten = apply(graph, reqs)
+    owner = {layer: r.name for r in rewritten.regions for layer in r.layers}
+    assert owner[reqs[0].layers[0]] == owner[reqs[1].layers[0]]
+    spec = HorizontalSpec(reqs, (("dev0", "dev1"), ("dev1", "dev2")))
+    with pytest.raises(MappingError, match=r"meet at one node .* expected the same devices"):
+        spec.region_devices(rewritten)
+
+
+def test_rewrites_know_no_devices(zoo_graphs):
+    """Parts in the request's part order, no devices; each region named by its request's first layer."""
+    graph = zoo_graphs["vgg"]
+    reqs = [SplitRequest("lop", ("/body/body.11/Conv",), 3, weights=(1, 2, 1)),
+            SplitRequest("height", ("/body/body.0/Conv",), 2, points=(5,))]
+    rewritten = apply(graph, reqs)
+    by_first = {r.layers[0]: r for r in rewritten.regions}
+    lop, height = by_first["/body/body.11/Conv"], by_first["/body/body.0/Conv"]
+    assert [len(p.units) for p in lop.parts] == sizes(lop.units, [1, 2, 1], "x")
+    assert [p.units[0] for p in height.parts] == [0, 5]
+    assert all(p.device is None for r in (lop, height) for p in r.parts)
+    cluster = Cluster.simulated(3)
+    placed, where = place(rewritten, cluster, {lop.name: ("dev2", "dev0", "dev1"), height.name: ("dev1", "dev0")})
+    assert {r.name: [p.device for p in r.parts] for r in placed.regions} == {lop.name: ["dev2", "dev0", "dev1"],
+                                                                             height.name: ["dev1", "dev0"]}
+    assert all(where[n] == p.device for r in placed.regions for p in r.parts for n in p.nodes)
+    assert_exact(cut(placed, cluster, where), graph)
+
+
 def test_depthwise_follows_and_grouped_lop_splits_by_groups(zoo_graphs):
     graph = zoo_graphs["mobilenet"]
-    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.3/f/f.0/Conv",), devices(2))],
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.3/f/f.0/Conv",), 2)],
                                  Cluster.simulated(2))
     layers = rewritten.regions[0].layers
     assert "/body/body.3/f/f.3/Conv" in layers  # depthwise
     assert "/body/body.3/f/f.6/Conv" in layers  # group 2, aligned with the 2-way split
     assert_exact(plan, graph)
-    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/f/f.3/Conv",), devices(3))],
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.4/f/f.3/Conv",), 3)],
                                  Cluster.simulated(3))
     part = rewritten.layer(rewritten.regions[0].parts[0].nodes[0])
     assert part.op_type == "Conv" and rewritten.regions[0].scatter
@@ -148,7 +184,7 @@ def test_depthwise_follows_and_grouped_lop_splits_by_groups(zoo_graphs):
 
 def test_mlp_pair_of_gemms(zoo_graphs):
     graph = zoo_graphs["vgg"]
-    req = SplitRequest("fused-channels", ("/fc/fc.0/Gemm", "/fc/fc.1/Relu", "/fc/fc.2/Gemm"), devices(5))
+    req = SplitRequest("fused-channels", ("/fc/fc.0/Gemm", "/fc/fc.1/Relu", "/fc/fc.2/Gemm"), 5)
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(5))
     assert rewritten.layer(rewritten.regions[0].combine_node).op_type == "Sum"
     assert_exact(plan, graph)
@@ -157,7 +193,7 @@ def test_mlp_pair_of_gemms(zoo_graphs):
 def test_uneven_shares_follow_device_speed(zoo_graphs):
     graph = zoo_graphs["densenet"]
     cluster = Cluster(tuple(Device(f"dev{i}", 1, 2**30, speed=s) for i, s in enumerate((3.0, 1.0, 2.0))))
-    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.1/f/f.2/Conv",), devices(3))], cluster)
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("/body/body.1/f/f.2/Conv",), 3)], cluster)
     shares = [p.share for p in rewritten.regions[0].parts]
     assert shares == [pytest.approx(16 / 32), pytest.approx(5 / 32), pytest.approx(11 / 32)]
     assert_exact(plan, graph)
@@ -203,9 +239,9 @@ def gemm_graph():
 def test_gemm_and_matmul_splits(gemm_graph, kind, layers, k):
     if layers == ["fc3"] and kind == "lop" and k > 4:  # 4 output neurons
         with pytest.raises(SplitError, match="fc3"):
-            split_plan(gemm_graph, [SplitRequest(kind, tuple(layers), devices(k))], Cluster.simulated(k))
+            split_plan(gemm_graph, [SplitRequest(kind, tuple(layers), k)], Cluster.simulated(k))
         return
-    _, plan = split_plan(gemm_graph, [SplitRequest(kind, tuple(layers), devices(k))], Cluster.simulated(k))
+    _, plan = split_plan(gemm_graph, [SplitRequest(kind, tuple(layers), k)], Cluster.simulated(k))
     assert_exact(plan, gemm_graph)
 
 
@@ -220,7 +256,7 @@ def grouped_graph():
 
 @pytest.mark.parametrize("k", (2, 3, 4))
 def test_grouped_conv_lop_by_groups(grouped_graph, k):
-    rewritten, plan = split_plan(grouped_graph, [SplitRequest("lop", ("gconv",), devices(k))], Cluster.simulated(k))
+    rewritten, plan = split_plan(grouped_graph, [SplitRequest("lop", ("gconv",), k)], Cluster.simulated(k))
     assert all(r % 2 == 0 for r in (round(p.share * 8) for p in rewritten.regions[0].parts))
     assert_exact(plan, grouped_graph)
 
@@ -236,7 +272,7 @@ def test_reshape_before_gemm_follows_the_channel_split(shape, k):
     inits = {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "shape": np.array(shape, dtype=np.int64),
              "fw": rng.standard_normal((7, 120)).astype(np.float32), "fb": rng.standard_normal(7).astype(np.float32)}
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 5, 4])], [_vi("y", [2, 7])], inits))
-    req = SplitRequest("fused-channels", ("conv", "relu", "reshape", "fc"), devices(k))
+    req = SplitRequest("fused-channels", ("conv", "relu", "reshape", "fc"), k)
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(k))
     assert list(rewritten.regions[0].layers) == ["conv", "relu", "reshape", "fc"]
     assert_exact(plan, graph)
@@ -267,8 +303,8 @@ def silu_graph():
 
 @pytest.mark.parametrize("k", PARTS)
 def test_fanned_out_elementwise_ops_follow(silu_graph, k):
-    reqs = [SplitRequest("fused-channels", ("conv1", "sigmoid", "silu", "conv2"), devices(min(k, 6))),
-            SplitRequest("fused-channels", ("fc1", "div", "erf", "add1", "gelu", "fc2"), devices(k))]
+    reqs = [SplitRequest("fused-channels", ("conv1", "sigmoid", "silu", "conv2"), min(k, 6)),
+            SplitRequest("fused-channels", ("fc1", "div", "erf", "add1", "gelu", "fc2"), k)]
     rewritten, plan = split_plan(silu_graph, reqs, Cluster.simulated(k))
     assert [len(r.layers) for r in rewritten.regions] == [4, 6]
     assert_exact(plan, silu_graph)
@@ -291,7 +327,7 @@ def test_squeeze_excitation_scale_is_sliced_not_combined(k):
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     inits = {"w1": f32(8, 3, 3, 3), "we": f32(8, 3, 1, 1), "w2": f32(4, 8, 1, 1)}
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 6, 5])], [_vi("y", [2, 4, 6, 5])], inits))
-    req = SplitRequest("fused-channels", ("conv1", "scale", "relu", "conv2"), devices(k))
+    req = SplitRequest("fused-channels", ("conv1", "scale", "relu", "conv2"), k)
     rewritten, plan = split_plan(graph, [req], Cluster.simulated(k))
     assert list(rewritten.regions[0].layers) == ["conv1", "scale", "relu", "conv2"]
     assert_exact(plan, graph)

@@ -8,10 +8,9 @@ from onnx import helper
 
 import edgesplit
 from edgesplit.cluster import Cluster
-from edgesplit.rewrite import SplitRequest
-from edgesplit.rewrite.base import SplitError
+from edgesplit.rewrite.base import SplitError, SplitRequest
 from tests.conftest import ZOO
-from tests.test_rewrite_channels import PARTS, _model, _vi, assert_exact, assert_region, devices, split_plan
+from tests.test_rewrite_channels import PARTS, _model, _vi, assert_exact, assert_region, split_plan
 
 SPATIAL_CASES = {
     "resnet": {
@@ -60,7 +59,7 @@ def _layers(graph, case):
 def test_spatial_split_is_exact(name, kind, k, zoo_graphs):
     graph = zoo_graphs[name]
     layers = _layers(graph, SPATIAL_CASES[name][kind])
-    rewritten, plan = split_plan(graph, [SplitRequest(kind, layers, devices(k))], Cluster.simulated(k))
+    rewritten, plan = split_plan(graph, [SplitRequest(kind, layers, k)], Cluster.simulated(k))
     region = assert_region(rewritten, kind, k)
     assert set(layers) <= set(region.layers)
     assert_exact(plan, graph)
@@ -69,9 +68,9 @@ def test_spatial_split_is_exact(name, kind, k, zoo_graphs):
 def test_fused_region_has_one_sync_and_reports_halo_macs(zoo_graphs):
     graph = zoo_graphs["vgg"]
     layers = _layers(graph, SPATIAL_CASES["vgg"]["fused-spatial"])
-    fused, _ = split_plan(graph, [SplitRequest("fused-spatial", layers, devices(4))], Cluster.simulated(4))
+    fused, _ = split_plan(graph, [SplitRequest("fused-spatial", layers, 4)], Cluster.simulated(4))
     convs = [l for l in layers if graph.layer(l).op_type in ("Conv", "MaxPool")]
-    per_layer, _ = split_plan(graph, [SplitRequest("height", (l,), devices(4)) for l in convs], Cluster.simulated(4))
+    per_layer, _ = split_plan(graph, [SplitRequest("height", (l,), 4) for l in convs], Cluster.simulated(4))
     assert len(fused.regions) == 1 and len(per_layer.regions) == len(convs) == 4
     region = fused.regions[0]
     assert region.stats.redundant_macs > 0
@@ -82,7 +81,7 @@ def test_fused_region_has_one_sync_and_reports_halo_macs(zoo_graphs):
 def test_padding_only_at_the_border(zoo_graphs):
     """Tiles of a padded Conv: the first tile pads its top, the last its bottom, none pads an interior edge."""
     graph = zoo_graphs["vgg"]
-    rewritten, _ = split_plan(graph, [SplitRequest("height", ("/body/body.4/Conv",), devices(3))], Cluster.simulated(3))
+    rewritten, _ = split_plan(graph, [SplitRequest("height", ("/body/body.4/Conv",), 3)], Cluster.simulated(3))
     pads = []
     for part in rewritten.regions[0].parts:
         node = next(n for n in rewritten.model.graph.node if n.name == part.nodes[0])
@@ -95,7 +94,7 @@ def test_padding_only_at_the_border(zoo_graphs):
 def test_global_pool_tiles_combine_partials(op, k):
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node(op, ["r"], ["y"], name="pool")]
     graph = edgesplit.load(_model(nodes, [_vi("x", [2, 3, 7, 5])], [_vi("y", [2, 3, 1, 1])], {}))
-    rewritten, plan = split_plan(graph, [SplitRequest("fused-spatial", ("relu", "pool"), devices(k))], Cluster.simulated(k))
+    rewritten, plan = split_plan(graph, [SplitRequest("fused-spatial", ("relu", "pool"), k)], Cluster.simulated(k))
     assert rewritten.layer(rewritten.regions[0].combine_node).op_type == ("Sum" if op == "GlobalAveragePool" else "Max")
     assert_exact(plan, graph)
 
@@ -133,7 +132,7 @@ ODD_LAYERS = ("dil", "maxceil", "k7", "avgpad", "same", "k1s2", "avgex")
 @pytest.mark.parametrize("kind", ("height", "width", "grid"))
 @pytest.mark.parametrize("layer", ODD_LAYERS)
 def test_odd_shapes_per_layer(odd_graph, layer, kind, k):
-    _, plan = split_plan(odd_graph, [SplitRequest(kind, (layer,), devices(k))], Cluster.simulated(k))
+    _, plan = split_plan(odd_graph, [SplitRequest(kind, (layer,), k)], Cluster.simulated(k))
     assert_exact(plan, odd_graph)
 
 
@@ -142,10 +141,10 @@ def test_odd_shapes_per_layer(odd_graph, layer, kind, k):
 def test_odd_shapes_fused_over_all_layers(odd_graph, axis, k):
     if axis == "height" and k > 3:  # the output has 3 rows
         with pytest.raises(SplitError, match=r"'add'.*3"):
-            split_plan(odd_graph, [SplitRequest("fused-spatial", tuple(l.name for l in odd_graph.layers), devices(k),
+            split_plan(odd_graph, [SplitRequest("fused-spatial", tuple(l.name for l in odd_graph.layers), k,
                                                 axis=axis)], Cluster.simulated(k))
         return
-    req = SplitRequest("fused-spatial", tuple(l.name for l in odd_graph.layers), devices(k), axis=axis)
+    req = SplitRequest("fused-spatial", tuple(l.name for l in odd_graph.layers), k, axis=axis)
     rewritten, plan = split_plan(odd_graph, [req], Cluster.simulated(k))
     assert len(rewritten.regions) == 1 and rewritten.regions[0].stats.redundant_macs > 0
     assert_exact(plan, odd_graph)
@@ -153,9 +152,9 @@ def test_odd_shapes_fused_over_all_layers(odd_graph, axis, k):
 
 @pytest.mark.parametrize("k", PARTS)
 def test_odd_shapes_channel_splits(odd_graph, k):
-    reqs = [SplitRequest("lop", ("dil",), devices(min(k, 4))),  # 4 output channels
-            SplitRequest("fused-channels", ("k7", "avgpad", "same"), devices(k)),
-            SplitRequest("lop", ("k1s2",), devices(k))]
+    reqs = [SplitRequest("lop", ("dil",), min(k, 4)),  # 4 output channels
+            SplitRequest("fused-channels", ("k7", "avgpad", "same"), k),
+            SplitRequest("lop", ("k1s2",), k)]
     _, plan = split_plan(odd_graph, reqs, Cluster.simulated(k))
     assert_exact(plan, odd_graph)
 
@@ -173,19 +172,19 @@ def _norm_graph(op: str, **attrs):
 
 def test_lrn_is_tiled_and_instance_norm_is_refused():
     graph = _norm_graph("LRN", size=3)
-    _, plan = split_plan(graph, [SplitRequest("fused-spatial", ("conv", "norm"), devices(3))], Cluster.simulated(3))
+    _, plan = split_plan(graph, [SplitRequest("fused-spatial", ("conv", "norm"), 3)], Cluster.simulated(3))
     assert_exact(plan, graph)
     graph = _norm_graph("InstanceNormalization")
     with pytest.raises(SplitError, match=r"'norm' \(InstanceNormalization\) cannot be split spatially"):
-        split_plan(graph, [SplitRequest("fused-spatial", ("conv", "norm"), devices(3))], Cluster.simulated(3))
-    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("conv",), devices(3))], Cluster.simulated(3))
+        split_plan(graph, [SplitRequest("fused-spatial", ("conv", "norm"), 3)], Cluster.simulated(3))
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", ("conv",), 3)], Cluster.simulated(3))
     assert list(rewritten.regions[0].layers) == ["conv", "norm"]  # per channel: it follows a channel split
     assert_exact(plan, graph)
 
 
 def test_a_follower_taken_by_the_region_before_is_refused(zoo_graphs):
     graph = zoo_graphs["vgg"]
-    reqs = [SplitRequest("height", ("/body/body.0/Conv",), devices(2)),  # extends over BN and ReLU
-            SplitRequest("fused-spatial", ("/body/body.2/Relu", "/body/body.3/MaxPool"), devices(2))]
+    reqs = [SplitRequest("height", ("/body/body.0/Conv",), 2),  # extends over BN and ReLU
+            SplitRequest("fused-spatial", ("/body/body.2/Relu", "/body/body.3/MaxPool"), 2)]
     with pytest.raises(SplitError, match=r"'/body/body.2/Relu'\] of the fused-spatial region .* already in another"):
         split_plan(graph, reqs, Cluster.simulated(2))

@@ -14,9 +14,9 @@ from edgesplit.cluster import Cluster, Device
 from edgesplit.errors import EdgesplitError, MappingError
 from edgesplit.pipeline import partition
 from edgesplit.plan import Plan
-from edgesplit.rewrite import SplitRequest, apply
-from edgesplit.rewrite.base import SplitError
-from tests.test_rewrite_channels import assert_exact, devices
+from edgesplit.rewrite.base import SplitError, SplitRequest
+from edgesplit.rewrite.cnn import apply
+from tests.test_rewrite_channels import assert_exact
 
 CONV = "/body/body.4/Conv"  # vgg: 8 -> 16 channels, 8x8
 
@@ -87,7 +87,7 @@ BAD = [
     ("vgg", {CONV: ["lop", [0], ["dev0", "dev1"]]}, SplitError, r"strictly between 0 and 16"),
     ("vgg", {CONV: ["lop", [16], ["dev0", "dev1"]]}, SplitError, r"strictly between 0 and 16"),
     ("vgg", {CONV: ["lop", [9, 3], ["dev0", "dev1", "dev2"]]}, SplitError, r"strictly increasing"),
-    ("vgg", {CONV: ["lop", [3, 5, 9], ["dev0", "dev1"]]}, SplitError, r"expected 1 split points for 2 devices"),
+    ("vgg", {CONV: ["lop", [3, 5, 9], ["dev0", "dev1"]]}, SplitError, r"expected 1 split points for 2 parts"),
     ("vgg", {CONV: ["width", [8], ["dev0", "dev1"]]}, SplitError, r"strictly between 0 and 8"),
     ("vgg", {"/body/body.0/Conv": ["lop", [], [f"dev{i}" for i in range(9)]]}, SplitError,
      r"'/body/body.0/Conv' \(Conv, 8 output channels\): 9 parts asked but it has only 8"),
@@ -128,10 +128,10 @@ def test_bad_specs_name_the_layer_and_the_limit(model, mapping, error, pattern, 
 
 def test_partial_overlap_with_a_spatial_region_is_refused(zoo_graphs):
     graph = zoo_graphs["vgg"]
-    reqs = [SplitRequest("fused-spatial", ("/body/body.0/Conv", "/body/body.1/BatchNormalization"), devices(2)),
-            SplitRequest("lop", ("/body/body.0/Conv",), devices(2))]
+    reqs = [SplitRequest("fused-spatial", ("/body/body.0/Conv", "/body/body.1/BatchNormalization"), 2),
+            SplitRequest("lop", ("/body/body.0/Conv",), 2)]
     with pytest.raises(SplitError, match="in two regions"):
-        apply(graph, Cluster.simulated(2), reqs)
+        apply(graph, reqs)
 
 
 def test_strategy_errors(zoo_graphs):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
-zoo = pytest.importorskip("edgesplit.bench.transformers_zoo")
+from edgesplit.bench import transformers_zoo as zoo  # noqa: E402
 
 from edgesplit.cluster import Cluster  # noqa: E402
 from edgesplit.graph import load  # noqa: E402

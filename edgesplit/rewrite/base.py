@@ -13,7 +13,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from edgesplit import layout
-from edgesplit.cluster import Cluster
 from edgesplit.errors import EdgesplitError
 from edgesplit.graph import Graph, from_model, node_references
 from edgesplit.layout import Combine, Fill, Part, Region, SplitKind
@@ -29,29 +28,38 @@ class SplitError(EdgesplitError):
 
 @dataclass(frozen=True)
 class SplitRequest:
-    """One horizontal region asked for: which layers, how, on which devices, with which shares.
+    """One horizontal region asked for: which layers, how, in how many parts, with which shares (no devices).
 
-    `points` are interior split points along the split axis (AutoDiCE); `weights` are per-device shares
-    (default: the devices' speed). For fused kinds `layers` is the ordered run of layers the region covers.
+    `weights` are per-part shares (default: equal); `points` are interior split points along the split axis
+    (AutoDiCE); `grid` is [rows, cols] of a grid split. For fused kinds `layers` is the ordered run of layers the
+    region covers; `axis` tiles a fused-spatial run by height (the default), width or grid. Part i of the region
+    takes weight i (or the i-th range between the points). A kind given by name is parsed.
     """
 
-    kind: str
+    kind: SplitKind
     layers: tuple[str, ...]
-    devices: tuple[str, ...]
+    parts: int
     weights: tuple[float, ...] | None = None
     points: tuple[int, ...] | None = None
     grid: tuple[int, int] | None = None
-    axis: str = ""  # for fused-spatial: "height", "width" or "grid" (default height)
+    axis: SplitKind | None = None
 
-    @property
-    def parts(self) -> int:
-        return len(self.devices)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _split_kind(self.kind, "split kind"))
+        object.__setattr__(self, "axis", _split_kind(self.axis, "fused-spatial axis") if self.axis else None)
 
 
-def weights_for(request: SplitRequest, cluster: Cluster) -> list[float]:
+def _split_kind(value: SplitKind | str, what: str) -> SplitKind:
+    try:
+        return SplitKind.parse(value, what)
+    except ValueError as exc:
+        raise SplitError(str(exc)) from None
+
+
+def weights_for(request: SplitRequest) -> list[float]:
     if request.weights is not None:
         return [float(w) for w in request.weights]
-    return [cluster.device(d).speed for d in request.devices]
+    return [1.0] * request.parts
 
 
 def sizes(total: int, weights: Sequence[float], what: str) -> list[int]:
@@ -83,7 +91,7 @@ def ranges_from(total: int, weights: Sequence[float], points: Sequence[int] | No
         if len(pts) == k + 1 and pts[0] == 0 and pts[-1] == total:
             pts = pts[1:-1]
         if len(pts) != k - 1:
-            raise SplitError(f"{what}: expected {k - 1} split points for {k} devices (interior points of 0..{total}), "
+            raise SplitError(f"{what}: expected {k - 1} split points for {k} parts (interior points of 0..{total}), "
                              f"got {len(pts)}: {pts}")
         bounds = [0, *pts, total]
         if any(not (0 < p < total) for p in pts):
@@ -102,8 +110,8 @@ def ranges_from(total: int, weights: Sequence[float], points: Sequence[int] | No
 class PartRecord:
     """A part under construction (see `edgesplit.layout.Part`)."""
 
-    device: str | None
     share: float
+    device: str | None = None  # None: the rewrite leaves placing to edgesplit.place
     nodes: list[str] = field(default_factory=list)
     output: str = ""
     units: tuple[int, ...] = ()
@@ -114,7 +122,7 @@ class RegionRecord:
     """A region under construction; `freeze` gives the `edgesplit.layout.Region` it becomes."""
 
     name: str
-    kind: str
+    kind: SplitKind
     layers: list[str]
     parts: list[PartRecord]
     combine: str = ""

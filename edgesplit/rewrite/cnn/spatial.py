@@ -15,18 +15,17 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
-from edgesplit.cluster import Cluster
-from edgesplit.layout import Combine
 from edgesplit.graph import Graph
+from edgesplit.layout import Combine, SplitKind
 from edgesplit.rewrite.base import (
     Editor, PartRecord, RegionRecord, SplitError, SplitRequest, attr, ranges_from, static_shape, weights_for,
 )
-from edgesplit.rewrite.channels import BINARY, UNARY
+from edgesplit.rewrite.cnn.channel_rules import BINARY, UNARY
 
 WINDOWED = {"Conv", "MaxPool", "AveragePool", "LpPool"}
 GLOBAL = {"GlobalAveragePool", "GlobalMaxPool"}
 POINTWISE = UNARY | BINARY | {"BatchNormalization", "LRN", "Concat"}  # per pixel (LRN: across channels only)
-AXES = {"height": (2,), "width": (3,), "grid": (2, 3)}
+AXES = {SplitKind.HEIGHT: (2,), SplitKind.WIDTH: (3,), SplitKind.GRID: (2, 3)}
 
 Box = dict[int, tuple[int, int]]  # axis -> [lo, hi) on the split axes only
 
@@ -82,15 +81,16 @@ def window(node: onnx.NodeProto, graph: Graph, ed: Editor,
 class SpatialPlanner:
     """Checks one spatial region and computes, per tile, the box every tensor of the region must cover."""
 
-    def __init__(self, graph: Graph, ed: Editor, request: SplitRequest, cluster: Cluster) -> None:
+    def __init__(self, graph: Graph, ed: Editor, request: SplitRequest) -> None:
         self.graph, self.ed, self.req = graph, ed, request
         self.layers = list(request.layers)
-        if request.kind != "fused-spatial":
+        fused = request.kind == SplitKind.FUSED_SPATIAL
+        if not fused:
             self.layers = extend_followers(graph, self.layers)
-        axis = (request.axis or "height") if request.kind == "fused-spatial" else request.kind
+        axis = (request.axis or SplitKind.HEIGHT) if fused else request.kind
         if axis not in AXES:
-            raise SplitError(f"fused-spatial region at {self.layers[0]!r}: expected axis one of {list(AXES)}, "
-                             f"got {axis!r}")
+            raise SplitError(f"fused-spatial region at {self.layers[0]!r}: expected axis one of "
+                             f"{[str(a) for a in AXES]}, got {str(axis)!r}")
         self.axes = AXES[axis]
         self.members = set(self.layers)
         taken = [n for n in self.layers if n in ed.covered]
@@ -103,7 +103,7 @@ class SpatialPlanner:
         self.reduce = self.last.op_type in GLOBAL
         target = self.last.inputs[0] if self.reduce else self.out
         self.shape = static_shape(graph, target)
-        self.tiles = self._tiles(cluster)
+        self.tiles = self._tiles()
 
     def _check(self) -> None:
         g = self.graph
@@ -144,8 +144,8 @@ class SpatialPlanner:
         self.out = outs[0]
         self.out_producer = g.producers()[self.out]
 
-    def _tiles(self, cluster: Cluster) -> list[Box]:
-        weights = weights_for(self.req, cluster)
+    def _tiles(self) -> list[Box]:
+        weights = weights_for(self.req)
         prefix = "input " if self.reduce else ""
         what = lambda ax: f"layer {self.last.name!r} ({prefix}{'height' if ax == 2 else 'width'} "  # noqa: E731
         if len(self.axes) == 1:
@@ -154,7 +154,7 @@ class SpatialPlanner:
             return [{ax: r} for r in rng]
         rows, cols = self.req.grid or _factor(len(weights))
         if rows * cols != len(weights):
-            raise SplitError(f"grid {rows}x{cols} at {self.layers[0]!r}: expected rows x cols = {len(weights)} devices")
+            raise SplitError(f"grid {rows}x{cols} at {self.layers[0]!r}: expected rows x cols = {len(weights)} parts")
         row_w = [sum(weights[r * cols:(r + 1) * cols]) for r in range(rows)]
         col_w = [sum(weights[c::cols]) for c in range(cols)]
         rr = ranges_from(self.shape[2], row_w, None, what(2) + f"{self.shape[2]}, {rows} tile rows)")
@@ -223,71 +223,78 @@ def _tile_pads(node: onnx.NodeProto, graph: Graph, ed: Editor, out: Box) -> dict
     return attrs
 
 
-def plan_region(graph: Graph, ed: Editor, request: SplitRequest, cluster: Cluster) -> RegionRecord:
+def plan_region(graph: Graph, ed: Editor, request: SplitRequest) -> RegionRecord:
     """Rewrite one spatial region in the editor and return its record."""
-    sp = SpatialPlanner(graph, ed, request, cluster)
+    sp = SpatialPlanner(graph, ed, request)
     ed.covered.update(sp.layers)
-    kind = request.kind
     total_area = math.prod(sp.shape[ax] for ax in sp.axes)
     shares = [math.prod(b - a for a, b in box.values()) / total_area for box in sp.tiles]
-    region = RegionRecord(name=f"{kind}:{sp.layers[0]}", kind=kind, layers=list(sp.layers),
-                          parts=[PartRecord(d, s) for d, s in zip(request.devices, shares)], axis=sp.axes[0])
+    region = RegionRecord(name=f"{request.kind}:{sp.layers[0]}", kind=request.kind, layers=list(sp.layers),
+                          parts=[PartRecord(s) for s in shares], axis=sp.axes[0])
     new: list[onnx.NodeProto] = []
-    producers = graph.producers()
     for i, box in enumerate(sp.tiles):
-        need, reads = sp.needs(box)
-        p = f"/part{i}"
-        have: dict[str, str] = {}
-        part_nodes: list[onnx.NodeProto] = []
-        for t, b in need.items():
-            if producers.get(t) in sp.members:
-                continue
-            full = static_shape(graph, t)
-            if all(b[ax] == (0, full[ax]) for ax in b):
-                have[t] = t
-                continue
-            cut = ed.slice_node(t, list(b), [r[0] for r in b.values()], [r[1] for r in b.values()],
-                                f"{sp.layers[0]}{p}/scatter")
-            region.scatter.append(cut.name)
-            new.append(cut)
-            have[t] = cut.output[0]
-        for name in sp.layers:
-            layer = graph.layer(name)
-            node = ed.node(name)
-            if layer.outputs[0] not in need and layer.op_type not in GLOBAL:
-                continue  # this tile needs nothing from this layer
-            ins = []
-            for t in node.input:
-                if t not in layer.inputs:
-                    ins.append(t)
-                    continue
-                src, r = need[t], reads[(name, t)]
-                if r != src:
-                    crop = ed.slice_node(have[t], list(r), [r[ax][0] - src[ax][0] for ax in r],
-                                         [r[ax][1] - src[ax][0] for ax in r], f"{name}{p}/crop")
-                    part_nodes.append(crop)
-                    ins.append(crop.output[0])
-                else:
-                    ins.append(have[t])
-            out_box = need.get(layer.outputs[0], {})
-            attrs = _tile_pads(node, graph, ed, out_box) if layer.op_type in WINDOWED else None
-            made = ed.clone(node, f"{name}{p}", ins, attrs)
-            part_nodes.append(made)
-            have[layer.outputs[0]] = made.output[0]
-        if sp.reduce and sp.last.op_type == "GlobalAveragePool":
-            frac = shares[i]
-            dtype = np.dtype(graph.tensors[sp.out].dtype)
-            scale = ed.make("Mul", [have[sp.out], ed.const(f"{sp.last.name}{p}/area", np.array(frac, dtype=dtype))],
-                            f"{sp.last.name}{p}/weigh")
-            part_nodes.append(scale)
-            have[sp.out] = scale.output[0]
+        scatter, part_nodes, output = _tile(graph, ed, sp, i, box)
+        region.scatter.extend(n.name for n in scatter)
+        new.extend(scatter)
         new.extend(part_nodes)
         region.parts[i].nodes = [n.name for n in part_nodes]
-        region.parts[i].output = have[sp.out]
+        region.parts[i].output = output
     new.extend(_combine(ed, sp, region))
     ed.replace(sp.layers, new)
     ed.claimed.update(n for part in region.parts for n in part.nodes)
     return region
+
+
+def _tile(graph: Graph, ed: Editor, sp: SpatialPlanner, i: int, box: Box,
+          ) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto], str]:
+    """Tile i: the Slices that cut its inputs, its own nodes (crops, layer copies), and the tensor it produces."""
+    need, reads = sp.needs(box)
+    p = f"/part{i}"
+    producers = graph.producers()
+    have: dict[str, str] = {}
+    scatter: list[onnx.NodeProto] = []
+    part_nodes: list[onnx.NodeProto] = []
+    for t, b in need.items():
+        if producers.get(t) in sp.members:
+            continue
+        full = static_shape(graph, t)
+        if all(b[ax] == (0, full[ax]) for ax in b):
+            have[t] = t
+            continue
+        cut = ed.slice_node(t, list(b), [r[0] for r in b.values()], [r[1] for r in b.values()],
+                            f"{sp.layers[0]}{p}/scatter")
+        scatter.append(cut)
+        have[t] = cut.output[0]
+    for name in sp.layers:
+        layer = graph.layer(name)
+        if layer.outputs[0] not in need and layer.op_type not in GLOBAL:
+            continue  # this tile needs nothing from this layer
+        node = ed.node(name)
+        ins = []
+        for t in node.input:
+            if t not in layer.inputs:
+                ins.append(t)
+                continue
+            src, r = need[t], reads[(name, t)]
+            if r != src:
+                crop = ed.slice_node(have[t], list(r), [r[ax][0] - src[ax][0] for ax in r],
+                                     [r[ax][1] - src[ax][0] for ax in r], f"{name}{p}/crop")
+                part_nodes.append(crop)
+                ins.append(crop.output[0])
+            else:
+                ins.append(have[t])
+        attrs = _tile_pads(node, graph, ed, need.get(layer.outputs[0], {})) if layer.op_type in WINDOWED else None
+        made = ed.clone(node, f"{name}{p}", ins, attrs)
+        part_nodes.append(made)
+        have[layer.outputs[0]] = made.output[0]
+    if sp.reduce and sp.last.op_type == "GlobalAveragePool":  # a partial mean, weighted by the tile's area
+        area = math.prod(b - a for a, b in box.values()) / math.prod(sp.shape[ax] for ax in sp.axes)
+        dtype = np.dtype(graph.tensors[sp.out].dtype)
+        scale = ed.make("Mul", [have[sp.out], ed.const(f"{sp.last.name}{p}/area", np.array(area, dtype=dtype))],
+                        f"{sp.last.name}{p}/weigh")
+        part_nodes.append(scale)
+        have[sp.out] = scale.output[0]
+    return scatter, part_nodes, have[sp.out]
 
 
 def _combine(ed: Editor, sp: SpatialPlanner, region: RegionRecord) -> list[onnx.NodeProto]:
@@ -314,8 +321,8 @@ def _combine(ed: Editor, sp: SpatialPlanner, region: RegionRecord) -> list[onnx.
     return nodes
 
 
-def rewrite(graph: Graph, cluster: Cluster, requests: Sequence[SplitRequest], dims=None) -> Graph:
+def rewrite(graph: Graph, requests: Sequence[SplitRequest], dims=None) -> Graph:
     """Apply spatial requests (height, width, grid, fused-spatial) and return the rewritten Graph."""
     editor = Editor(graph)
-    regions = [plan_region(graph, editor, req, cluster) for req in requests]
+    regions = [plan_region(graph, editor, req) for req in requests]
     return editor.build(regions, dims)

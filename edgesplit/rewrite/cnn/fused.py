@@ -9,14 +9,13 @@ redundant MACs the halos cost are reported per region (`redundant_macs`).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 
-from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
-from edgesplit.layout import Region, RegionStats
+from edgesplit.layout import Region, RegionStats, SplitKind
 from edgesplit.rewrite.base import Editor, SplitError, SplitRequest, attr
-from edgesplit.rewrite.channels import BINARY, POOLS, UNARY, fan_closure
-from edgesplit.rewrite.spatial import GLOBAL, WINDOWED, SpatialPlanner, supported
+from edgesplit.rewrite.cnn.channel_rules import BINARY, POOLS, UNARY, fan_closure
+from edgesplit.rewrite.cnn.spatial import GLOBAL, WINDOWED, SpatialPlanner, supported
 
 CHANNEL_FOLLOWERS = UNARY | POOLS | {"BatchNormalization", "InstanceNormalization", "Flatten", "Reshape"}
 
@@ -81,10 +80,10 @@ def _per_channel(graph: Graph, tensor: str, like: str) -> bool:
     return len(shape) == len(out) >= 2 and shape[1] in (1, out[1]) and all(d == 1 for d in shape[2:])
 
 
-def spatial_runs(graph: Graph, cluster: Cluster, devices: Sequence[str], allowed: Collection[str],
+def spatial_runs(graph: Graph, weights: Sequence[float], allowed: Collection[str],
                  max_windows: int = 4, max_overhead: float = 0.35, ed: Editor | None = None) -> list[list[str]]:
-    """Greedy fused-spatial regions: contiguous topological runs with one exit, at most `max_windows` windowed
-    layers and redundant MACs within `max_overhead` of the region's own."""
+    """Greedy fused-spatial regions tiled by `weights` (one per part): contiguous topological runs with one exit,
+    at most `max_windows` windowed layers and redundant MACs within `max_overhead` of the region's own."""
     ed = ed or Editor(graph)
     layers = [l.name for l in graph.layers]
     ok = [n in allowed and supported(graph.layer(n).op_type) for n in layers]
@@ -101,7 +100,7 @@ def spatial_runs(graph: Graph, cluster: Cluster, devices: Sequence[str], allowed
             if windows > max_windows:
                 break
             cand = layers[i: j + 1]
-            stats = _try(graph, ed, cluster, cand, devices)
+            stats = _try(graph, ed, cand, weights)
             if stats is not None and stats <= max_overhead:
                 best = j
             if op in GLOBAL:
@@ -115,9 +114,10 @@ def spatial_runs(graph: Graph, cluster: Cluster, devices: Sequence[str], allowed
     return regions
 
 
-def _try(graph: Graph, ed: Editor, cluster: Cluster, layers: list[str], devices: Sequence[str]) -> float | None:
+def _try(graph: Graph, ed: Editor, layers: list[str], weights: Sequence[float]) -> float | None:
+    request = SplitRequest(SplitKind.FUSED_SPATIAL, tuple(layers), len(weights), tuple(weights))
     try:
-        planner = SpatialPlanner(graph, ed, SplitRequest("fused-spatial", tuple(layers), tuple(devices)), cluster)
+        planner = SpatialPlanner(graph, ed, request)
     except SplitError:
         return None
     return planned_overhead(graph, planner)

@@ -1,6 +1,7 @@
 """Horizontal specs from a mapping file: AutoDiCE's `{layer: [kind, [split points], [devices]]}` as is, and a
 YAML/JSON form with `regions:` (layers from..to, split kind, devices, optional weights / points / grid) next to an
-optional vertical `devices:` mapping (hybrid).
+optional vertical `devices:` mapping (hybrid). Parsed into device-free split requests plus, per request, the
+devices of its parts.
 
 ```yaml
 devices:                      # optional: vertical placement of every layer not in a region (AutoDiCE form)
@@ -17,25 +18,22 @@ regions:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError
 from edgesplit.graph import Graph
-from edgesplit.place import expand_layers
-from edgesplit.rewrite.base import KINDS, SplitRequest
-from edgesplit.rewrite.fused import lop_units
-from edgesplit.rewrite.spatial import GLOBAL, WINDOWED
+from edgesplit.layout import CNN_KINDS, SplitKind
+from edgesplit.place.parts import HorizontalSpec
+from edgesplit.place.vertical import expand_layers
+from edgesplit.rewrite.base import SplitRequest
+from edgesplit.rewrite.cnn.fused import lop_units
+from edgesplit.rewrite.cnn.spatial import GLOBAL, WINDOWED
 
+KINDS = tuple(str(k) for k in CNN_KINDS)
 AUTODICE_KINDS = ("lop", "lip", "height", "width")
 PER_LAYER = ("lop", "lip", "height", "width", "grid")
-
-
-@dataclass(frozen=True)
-class HorizontalSpec:
-    requests: tuple[SplitRequest, ...]
-    vertical: Mapping[str, Any] | None  # AutoDiCE {device: [layer | {from, to}]} for the rest, or None
+Asked = tuple[SplitRequest, tuple[str, ...]]  # a request and the devices of its parts
 
 
 def is_horizontal(mapping: Any) -> bool:
@@ -51,11 +49,12 @@ def _is_autodice(value: Any) -> bool:
 
 
 def parse(graph: Graph, cluster: Cluster, mapping: Any) -> HorizontalSpec:
-    """Turn a mapping into split requests and the vertical remainder; every problem is reported at once."""
+    """Turn a mapping into split requests, their devices and the placement of the vertical remainder (if given);
+    every problem of the horizontal part is reported at once, then every problem of the vertical part."""
     if not isinstance(mapping, dict):
         raise MappingError(f"expected a mapping (JSON object / YAML mapping), got {type(mapping).__name__}")
     problems: list[str] = []
-    requests: list[SplitRequest] = []
+    requests: list[Asked] = []
     vertical: dict[str, Any] = {}
     if "regions" in mapping:
         extra = set(mapping) - {"regions", "devices"}
@@ -83,10 +82,12 @@ def parse(graph: Graph, cluster: Cluster, mapping: Any) -> HorizontalSpec:
                 vertical[key] = value
     if problems:
         raise MappingError("invalid horizontal mapping:\n  " + "\n  ".join(dict.fromkeys(problems)))
-    return HorizontalSpec(tuple(requests), vertical or None)
+    covered = {l for r, _ in requests for l in r.layers}
+    base = vertical_placement(graph, cluster, vertical, covered) if vertical else None
+    return HorizontalSpec(tuple(r for r, _ in requests), tuple(d for _, d in requests), base)
 
 
-def _region(graph: Graph, item: Any, where: str, problems: list[str]) -> list[SplitRequest]:
+def _region(graph: Graph, item: Any, where: str, problems: list[str]) -> list[Asked]:
     if not isinstance(item, dict):
         problems.append(f"{where}: expected a mapping with layers, split, devices; got {item!r}")
         return []
@@ -105,27 +106,39 @@ def _region(graph: Graph, item: Any, where: str, problems: list[str]) -> list[Sp
     layers = expand(graph, item["layers"], where, problems)
     if not layers:
         return []
-    weights = item.get("weights")
-    points = item.get("points")
-    grid = item.get("grid")
-    for key, value in (("weights", weights), ("points", points), ("grid", grid)):
-        if value is not None and (not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value)):
-            problems.append(f"{where}: {key!r} must be a list of numbers, got {value!r}")
-            return []
-    if grid is not None and len(grid) != 2:
-        problems.append(f"{where}: 'grid' must be [rows, cols], got {grid!r}")
+    shape = _shape(item, where, problems)
+    if shape is None:
         return []
-    make = lambda ls: SplitRequest(kind, tuple(ls), tuple(devices), tuple(weights) if weights else None,  # noqa: E731
-                                   tuple(int(p) for p in points) if points is not None else None,
-                                   tuple(int(g) for g in grid) if grid else None, str(item.get("axis", "")))
+
+    def make(ls: list[str]) -> Asked:
+        return SplitRequest(SplitKind(kind), tuple(ls), len(devices), **shape), tuple(devices)
+
     if kind not in PER_LAYER or len(layers) == 1:
         return [make(layers)]
     heads = [l for l in layers if _head_ok(graph, l, kind)]
     if not heads:
         problems.append(f"{where}: no layer in {layers[0]!r} .. {layers[-1]!r} can be split by {kind}")
-    if points is not None and len(heads) > 1:
+    if shape["points"] is not None and len(heads) > 1:
         problems.append(f"{where}: split points apply to one layer; the range has {len(heads)} layers to split")
     return [make([h]) for h in heads]
+
+
+def _shape(item: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, Any] | None:
+    """The optional weights, points, grid and axis of a region entry, checked (None: a problem was appended)."""
+    weights, points, grid, axis = (item.get(k) for k in ("weights", "points", "grid", "axis"))
+    for key, value in (("weights", weights), ("points", points), ("grid", grid)):
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value)):
+            problems.append(f"{where}: {key!r} must be a list of numbers, got {value!r}")
+            return None
+    if grid is not None and len(grid) != 2:
+        problems.append(f"{where}: 'grid' must be [rows, cols], got {grid!r}")
+        return None
+    if axis is not None and axis not in ("height", "width", "grid"):
+        problems.append(f"{where}: 'axis' must be height, width or grid, got {axis!r}")
+        return None
+    return {"weights": tuple(weights) if weights else None,
+            "points": tuple(int(p) for p in points) if points is not None else None,
+            "grid": tuple(int(g) for g in grid) if grid else None, "axis": SplitKind(axis) if axis else None}
 
 
 def _head_ok(graph: Graph, name: str, kind: str) -> bool:
