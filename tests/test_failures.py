@@ -20,8 +20,9 @@ from edgesplit.layout import ReplicaMode
 from edgesplit.pipeline import partition
 from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
-from edgesplit.rewrite import SplitRequest, apply
-from edgesplit.rewrite.assign import placement as place_parts
+from edgesplit.place.parts import place
+from edgesplit.rewrite.base import SplitRequest
+from edgesplit.rewrite.cnn import apply
 from edgesplit.rewrite.replicas import ReplicaRequest
 from edgesplit.runtime.common import random_inputs
 from edgesplit.runtime.failures import DeviceLost, Tally
@@ -36,20 +37,17 @@ HYBRID = {"parts": ("dev1", "dev2"), "replica": "dev2", "combine": "dev0",
           "rest": {**dict.fromkeys(REST[:2], "dev0"), **dict.fromkeys(REST[2:], "dev3")}}
 
 
-def split_layout(graph, cluster, requests, rest, combine=None):
+def split_layout(graph, cluster, layer: str, kind: str, devices: tuple[str, ...], rest, combine=None):
     """A horizontal split through the API: rewrite, parts on their devices, the rest as given."""
-    split = apply(graph, cluster, requests)
-    where = place_parts(split, cluster, rest)
-    if combine is not None:
-        where.update(dict.fromkeys((n for r in split.regions for n in r.combine_nodes), combine))
-    return split, where
+    split = apply(graph, [SplitRequest(kind, (layer,), len(devices))])
+    combines = dict.fromkeys((n for r in split.regions for n in r.combine_nodes), combine) if combine else {}
+    return place(split, cluster, {f"{kind}:{layer}": devices}, {**rest, **combines})
 
 
 def split_conv_plan(layout: dict, mode: ReplicaMode = ReplicaMode.STANDBY):
     graph = edgesplit.load(zoo.split_conv(CHANNELS))
     cluster = Cluster.simulated(4)
-    split, where = split_layout(graph, cluster, [SplitRequest("lop", ("conv1",), layout["parts"])], layout["rest"],
-                                layout["combine"])
+    split, where = split_layout(graph, cluster, "conv1", "lop", layout["parts"], layout["rest"], layout["combine"])
     region = split.regions[0]
     split, where = with_replicas(split, where, [ReplicaRequest(region.name, 0, region.parts[0].units,
                                                                layout["replica"], mode)])

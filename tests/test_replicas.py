@@ -16,7 +16,6 @@ from edgesplit.cluster import Cluster
 from edgesplit.layout import Combine, Region, ReplicaMode
 from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
-from edgesplit.rewrite import SplitRequest
 from edgesplit.rewrite.replicas import ReplicaRequest
 from edgesplit.runtime.common import random_inputs
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
@@ -59,7 +58,7 @@ def replicated(kind: str, layer: str, replicas) -> tuple:
     graph = edgesplit.load(zoo.split_conv(CHANNELS))
     cluster = Cluster.simulated(4)
     rest = {n: "dev0" for n in REST + ["conv1", "conv2"] if n != layer}
-    split, where = split_layout(graph, cluster, [SplitRequest(kind, (layer,), ("dev1", "dev2"))], rest, "dev0")
+    split, where = split_layout(graph, cluster, layer, kind, ("dev1", "dev2"), rest, "dev0")
     region = split.regions[0]
     requests = [ReplicaRequest(region.name, part, units, device, mode) for part, units, device, mode in replicas]
     split, where = with_replicas(split, where, requests)
@@ -129,8 +128,8 @@ def test_standby_replicas_run_only_after_a_loss():
 def test_bad_replica_requests_are_refused(request_, message):
     graph = edgesplit.load(zoo.split_conv(CHANNELS))
     cluster = Cluster.simulated(4)
-    split, where = split_layout(graph, cluster, [SplitRequest("lop", ("conv1",), ("dev1", "dev2"))],
-                                {n: "dev0" for n in REST + ["conv2"]}, "dev0")
+    split, where = split_layout(graph, cluster, "conv1", "lop", ("dev1", "dev2"), {n: "dev0" for n in REST + ["conv2"]},
+                                "dev0")
     with pytest.raises(edgesplit.EdgesplitError, match=message):
         with_replicas(split, where, [request_])
 

@@ -93,7 +93,8 @@ def placement(graph: Graph, cluster: Cluster, base: Mapping[str, str] | None = N
 
     Part nodes go to their part's device, replica nodes to their replica's. A scatter (Slice of a region input)
     runs where its input is produced, so only the slice crosses the wire. A combine runs on the device the result
-    goes to next (from `base`) when that device holds a part, else on the device with the largest share. Any other
+    goes to next (from `base`) when that device holds a part, else on the device with the largest share, unless
+    `base` names a device for it. Any other
     node takes `base[node]`, else its first input's device, else the first device.
     """
     unplaced = [r.name for r in graph.regions if any(p.device is None for p in r.parts)]
@@ -123,8 +124,10 @@ def placement(graph: Graph, cluster: Cluster, base: Mapping[str, str] | None = N
                 device[n] = device[src]
             else:  # a model input: the requester sends the slice straight to the part
                 device[n] = _part_device(graph, consumers.get(layer.outputs[0], [])) or first
-        elif n in combine_of:
-            device[n] = _combine_device(combine_of[n], layer.outputs[0], base, consumers)
+        elif n in combine_of:  # one device for all of a region's combine nodes (a grid's row concats, a bias add)
+            region = combine_of[n]
+            last = graph.layer((region.combine_nodes or (region.combine_node,))[-1])
+            device[n] = base.get(n) or _combine_device(region, last.outputs[0], base, consumers)
         elif n in base:
             device[n] = base[n]
         else:
