@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import external_data_helper, helper
 
 from edgesplit.cluster import Cluster
 from edgesplit.errors import PlanError
-from edgesplit.graph import Graph, TensorInfo, node_references
+from edgesplit.graph import Graph, TensorInfo, node_references, sha256_file
 from edgesplit.layout import Layout, Region, regions_from_dicts
 
 FORMAT = "edgesplit-plan/2"
@@ -37,6 +37,7 @@ class Stage:
     param_bytes: int
     macs: int
     sha256: str
+    external_data: Mapping[str, str] = field(default_factory=dict)  # file in the plan directory -> its sha256
 
     @property
     def file(self) -> str:
@@ -109,8 +110,9 @@ class Plan:
                 problems.append(f"stage {s.name!r} is on device {s.device!r}, which the cluster lacks")
             if s.name not in self.stage_models:
                 problems.append(f"stage {s.name!r} has no ONNX model")
-            elif hashlib.sha256(self.stage_models[s.name]).hexdigest() != s.sha256:
+            elif not s.external_data and hashlib.sha256(self.stage_models[s.name]).hexdigest() != s.sha256:
                 problems.append(f"stage {s.name!r}: its ONNX file's sha256 does not match plan.json (stale or tampered)")
+        problems += [p for st in self.stages if st.name in self.stage_models for p in self._interface(st)]
         produced = {t.name for t in self.inputs}
         producer = {}
         for s in self.stages:
@@ -130,6 +132,20 @@ class Plan:
         problems += self._region_problems(producer)
         if not problems and (cycle := _find_cycle(self)):
             problems.append("stage graph has a cycle: " + " -> ".join(cycle))
+        return problems
+
+    def _interface(self, stage: Stage) -> list[str]:
+        """The stage file's own inputs and outputs are the ones plan.json gives it (a swapped file is not)."""
+        try:
+            g = onnx.load_from_string(self.stage_models[stage.name]).graph
+        except Exception as exc:  # protobuf raises its own DecodeError
+            return [f"stage {stage.name!r}: its file is not an ONNX model ({type(exc).__name__})"]
+        inits = {t.name for t in g.initializer}
+        ins, outs = {i.name for i in g.input if i.name not in inits}, {o.name for o in g.output}
+        problems = []
+        if ins != set(stage.inputs) or outs != set(stage.outputs):
+            problems.append(f"stage {stage.name!r}: its file reads {sorted(ins)} and writes {sorted(outs)}, but "
+                            f"plan.json says it reads {sorted(stage.inputs)} and writes {sorted(stage.outputs)}")
         return problems
 
     def _region_problems(self, producer: Mapping[str, str]) -> list[str]:
@@ -196,6 +212,7 @@ class Plan:
                     "outputs": list(s.outputs),
                     "param_bytes": s.param_bytes,
                     "macs": s.macs,
+                    **({"external_data": dict(s.external_data)} if s.external_data else {}),
                 }
                 for s in self.stages
             ],
@@ -218,15 +235,10 @@ class Plan:
             regions = _regions(d, path)
             stages = tuple(
                 Stage(s["name"], s["device"], tuple(s["layers"]), tuple(s["inputs"]), tuple(s["outputs"]),
-                      int(s["param_bytes"]), int(s["macs"]), s["sha256"])
+                      int(s["param_bytes"]), int(s["macs"]), s["sha256"], dict(s.get("external_data", {})))
                 for s in d["stages"]
             )
-            plan_models = {}
-            for s in stages:
-                f = directory / s.file
-                if not f.is_file():
-                    raise PlanError(f"{directory}: stage file {s.file} is missing")
-                plan_models[s.name] = f.read_bytes()
+            plan_models = {s.name: _stage_bytes(directory, s) for s in stages}
             plan = Plan(
                 model_name=d["model"]["name"],
                 model_sha256=d["model"]["sha256"],
@@ -246,6 +258,41 @@ class Plan:
         if problems:
             raise PlanError(f"refusing plan {directory}:\n  " + "\n  ".join(problems))
         return plan
+
+
+def _stage_bytes(directory: Path, stage: Stage) -> bytes:
+    """A stage file's model, self-contained: weights kept in other files are read only from files inside the plan
+    directory that plan.json lists with their hash (never relative to the working directory)."""
+    if Path(stage.file).name != stage.file or stage.name in ("", ".", ".."):
+        raise PlanError(f"{directory}: stage name {stage.name!r} is not a plain file name; expected no '/' or '..'")
+    f = directory / stage.file
+    if not f.is_file():
+        raise PlanError(f"{directory}: stage file {stage.file} is missing")
+    data = f.read_bytes()
+    if not stage.external_data and hashlib.sha256(data).hexdigest() != stage.sha256:
+        return data  # validate() reports it, with every other problem
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:  # protobuf's DecodeError: validate() reports it
+        return data
+    external = [t for t in model.graph.initializer if external_data_helper.uses_external_data(t)]
+    if not external:
+        return data
+    if hashlib.sha256(data).hexdigest() != stage.sha256:
+        raise PlanError(f"stage {stage.name!r}: its ONNX file's sha256 does not match plan.json (stale or tampered)")
+    root = directory.resolve()
+    for t in external:
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (root / location).resolve()
+        where = f"stage {stage.name!r}: initializer {t.name!r} keeps its data in {location!r}"
+        if not target.is_relative_to(root):
+            raise PlanError(f"{where}, outside the plan directory {str(root)!r}; refusing to read it")
+        if location not in stage.external_data:
+            raise PlanError(f"{where}, which plan.json does not list with its sha256 for this stage; refusing it")
+        if not target.is_file() or sha256_file(target) != stage.external_data[location]:
+            raise PlanError(f"{where}: missing, or its sha256 does not match plan.json (stale or tampered)")
+    external_data_helper.load_external_data_for_model(model, str(root))
+    return model.SerializeToString()
 
 
 def _regions(d: Mapping[str, Any], path: Path) -> tuple[Region, ...]:
