@@ -1,6 +1,6 @@
 """Transformer split (issue 5): synchronisations, bytes on the wire and per-device weights, from the plans.
 
-For each model and device count N (identical devices), `split_transformer` + `cut`:
+For each model and device count N (identical devices), `split_heads` + `cut`:
 1. Synchronisations per block: Sum combines per block (must be 2), and cross-device stage edges per block divided
    by the 2 (N - 1) edges one star reduction needs (reduce to the root, then send the next input out).
 2. Bytes exchanged per token per block, measured from the plan's transfers (hidden states out, partial sums back,
@@ -33,10 +33,12 @@ import edgesplit
 from edgesplit.bench import transformers_zoo as zoo
 from edgesplit.bench.harness import markdown_table, write_report
 from edgesplit.cluster import Cluster
+from edgesplit import probe
 from edgesplit.graph import Graph
+from edgesplit.layout import SplitKind
+from edgesplit.place.heads import split_heads
 from edgesplit.plan import Plan, cut
-from edgesplit.rewrite import concrete
-from edgesplit.rewrite.transformer import TransformerSplit, split_transformer
+from edgesplit.rewrite.transformer import HeadsSplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -63,14 +65,14 @@ def models(smollm2: bool, tmp: Path) -> dict[str, tuple[Graph, dict]]:
 def block_of_nodes(graph: Graph) -> dict[str, object]:
     where: dict[str, object] = {}
     for r in graph.regions:
-        tag = r["block"] if r["kind"] in ("heads", "neurons") and r["block"] is not None else r["kind"]
-        for p in r["parts"]:
-            for n in p["nodes"]:
+        tag = r.block if r.kind in (SplitKind.HEADS, SplitKind.NEURONS) and r.block is not None else r.kind
+        for p in r.parts:
+            for n in p.nodes:
                 where[n] = tag
     return where
 
 
-def wire(split: TransformerSplit, plan: Plan, sizes: dict[str, int]) -> dict:
+def wire(split: HeadsSplit, plan: Plan, sizes: dict[str, int]) -> dict:
     """Cross-device bytes per block: a star transfer goes between the root and another device, and belongs to the
     block whose parts the non-root stage runs. `sizes`: bytes of every tensor at the benchmark's dims."""
     where = block_of_nodes(split.graph)
@@ -90,11 +92,11 @@ def wire(split: TransformerSplit, plan: Plan, sizes: dict[str, int]) -> dict:
     return {"bytes": per_block, "edges": edges, "root": root_bytes, "blocks": blocks}
 
 
-def params(split: TransformerSplit, plan: Plan) -> dict:
-    regions = [r for r in split.graph.regions if r["kind"] in ("heads", "neurons") and r["layers"]]
-    part_nodes = {n: p["device"] for r in regions for p in r["parts"] for n in p["nodes"]}
-    vocab_nodes = {n: p["device"] for r in split.graph.regions if r["kind"] == "vocab" for p in r["parts"]
-                   for n in p["nodes"]}
+def params(split: HeadsSplit, plan: Plan) -> dict:
+    regions = [r for r in split.graph.regions if r.kind in (SplitKind.HEADS, SplitKind.NEURONS) and r.layers]
+    part_nodes = {n: p.device for r in regions for p in r.parts for n in p.nodes}
+    vocab_nodes = {n: p.device for r in split.graph.regions if r.kind == SplitKind.VOCAB for p in r.parts
+                   for n in p.nodes}
     per_device: dict[str, dict[str, int]] = {d: defaultdict(int) for d in plan.devices}
     for s in plan.stages:
         seen: set[str] = set()
@@ -125,23 +127,23 @@ def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[li
             cluster = Cluster.simulated(n)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                split = split_transformer(graph, cluster, dims=dims, allow_idle=True)
-            plan = cut(split.graph, cluster, split.placement)
-            shapes = concrete.run(split.graph, concrete.sample_inputs(split.graph, dims)).shapes
+                split, placement = split_heads(graph, cluster, dims=dims, allow_idle=True)
+            plan = cut(split.graph, cluster, placement)
+            shapes = probe.run(split.graph, probe.sample_inputs(split.graph, dims)).shapes
             sizes = {t: math.prod(shapes[t]) * np.dtype(info.dtype).itemsize for t, info in split.graph.tensors.items()
                      if t in shapes}
             w = wire(split, plan, sizes)
-            x = next(r for r in split.graph.regions if r["kind"] == "heads")
-            hidden = shapes[x["parts"][0]["output"]][-1]
+            x = next(r for r in split.graph.regions if r.kind == SplitKind.HEADS)
+            hidden = shapes[x.parts[0].output][-1]
             tokens = 17 if "ViT" in name else SEQ  # ViT: 16 patches + class token
             blocks = w["blocks"]
             sums = defaultdict(int)
             for r in split.graph.regions:
-                if r["kind"] in ("heads", "neurons") and r["layers"]:
-                    sums[r["block"]] += 1
-            heads_parts = [len(r["parts"]) for r in split.graph.regions if r["kind"] == "heads" and r["layers"]]
+                if r.kind in (SplitKind.HEADS, SplitKind.NEURONS) and r.layers:
+                    sums[r.block] += 1
+            heads_parts = [len(r.parts) for r in split.graph.regions if r.kind == SplitKind.HEADS and r.layers]
             # two reductions, each (parts-1) gathered + (parts-1) sent out (attention may have fewer parts: KV groups)
-            mlp_parts = min(len(r["parts"]) for r in split.graph.regions if r["kind"] == "neurons" and r["layers"])
+            mlp_parts = min(len(r.parts) for r in split.graph.regions if r.kind == SplitKind.NEURONS and r.layers)
             star = 2 * ((min(heads_parts) - 1) + (mlp_parts - 1)) * hidden * 4
             ring_device = 2 * ((min(heads_parts) - 1) / min(heads_parts) + (mlp_parts - 1) / mlp_parts) * hidden * 4
             measured = sum(w["bytes"][b] for b in blocks) / len(blocks) / tokens
@@ -152,11 +154,11 @@ def run(model_set: dict[str, tuple[Graph, dict]], counts: list[int]) -> tuple[li
                               len(plan.stages)])
             byte_rows.append([name, n, hidden, round(measured), star, round(measured / star, 4), round(root),
                               round(ring_device)])
-            vocab = [r for r in split.graph.regions if r["kind"] == "vocab"]
+            vocab = [r for r in split.graph.regions if r.kind == SplitKind.VOCAB]
             if vocab and "ViT" not in name:
-                pieces = {p["output"] for p in vocab[0]["parts"]}
+                pieces = {p.output for p in vocab[0].parts}
                 concat = sum(sizes[t.tensor] for t in plan.transfers if t.cross_device and t.tensor in pieces)
-                argmax = (len(vocab[0]["parts"]) - 1) * 2 * 4  # each other part: its best logit and index, float32
+                argmax = (len(vocab[0].parts) - 1) * 2 * 4  # each other part: its best logit and index, float32
                 head_rows.append([name, n, round(concat / tokens), argmax, round(concat / tokens / argmax)])
             if n in (2, 4):
                 p = params(split, plan)

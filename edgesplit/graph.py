@@ -293,33 +293,27 @@ def _tensor_infos(model: onnx.ModelProto, dims: Mapping[str, int]) -> dict[str, 
 
 
 def _probe(model: onnx.ModelProto, unknown: Mapping[str, onnx.NodeProto], dims: Mapping[str, int]) -> dict[str, TensorInfo]:
-    """Shapes static inference could not find (data-dependent Reshape targets): run the model once on random inputs.
+    """Shapes static inference could not find (data-dependent Reshape targets): run the model once on inputs of ones.
 
     The probed shape is concrete for the probe's dims; stage files declare such tensors without a shape.
     """
-    import onnxruntime as ort
+    from edgesplit.probe import exposing, run_model
 
     name, node = next(iter(unknown.items()))
     where = f"tensor {name!r} (output of node {node.name!r}, {node.op_type})"
-    probe = _copy(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in unknown)
+    inits = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for i in (i for i in model.graph.input if i.name not in inits):
+        tt = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else dims.get(d.dim_param, 1) for d in tt.shape.dim]
+        feeds[i.name] = np.ones(shape, dtype=helper.tensor_dtype_to_np_dtype(tt.elem_type))
     try:
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        declared = {i.name: i for i in model.graph.input}
-        feeds = {}
-        for i in sess.get_inputs():
-            shape = [d if isinstance(d, int) else dims.get(str(d), 1) for d in i.shape]
-            dtype = helper.tensor_dtype_to_np_dtype(declared[i.name].type.tensor_type.elem_type)
-            feeds[i.name] = np.ones(shape, dtype=dtype)
-        values = sess.run(list(unknown), feeds)
+        values = run_model(exposing(model, unknown, only=True), feeds)
     except Exception as exc:
         raise ModelError(f"cannot infer the shape of {where}: static shape inference gives no rank and running the "
                          f"model on sample inputs (symbolic dims = {dict(dims) or 1}) failed: {_first_line(exc)[:200]}; if the model "
                          f"only runs for certain sizes, give them (CLI: --dim NAME=SIZE, Python: load(..., dims={{...}}))") from None
-    return {t: TensorInfo(t, v.dtype.name, tuple(v.shape), int(v.nbytes)) for t, v in zip(unknown, values)}
+    return {t: TensorInfo(t, v.dtype.name, tuple(v.shape), int(v.nbytes)) for t, v in values.items()}
 
 
 def _nbytes(shape: tuple[Dim, ...], dtype: np.dtype, dims: Mapping[str, int]) -> int:

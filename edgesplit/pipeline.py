@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgesplit.cluster import Cluster
+from edgesplit.compare import Difference, compare
 from edgesplit.graph import Graph
 from edgesplit.place import balance, check_memory, from_mapping
 from edgesplit.plan import Plan, cut
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
+
+__all__ = ["Difference", "compare", "partition", "verify"]
 
 
 def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: str = "vertical", split: str = "auto",
@@ -27,9 +30,18 @@ def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: 
     from edgesplit.place.mapping import is_horizontal
 
     if strategy == "heads":  # Transformers: attention by heads, MLP by neurons, LM head by vocabulary
-        from edgesplit.rewrite.transformer import partition_transformer
+        from edgesplit.place.heads import split_heads
+        from edgesplit.rewrite.base import SplitError
+        from edgesplit.rewrite.transformer import TransformerSplitWarning
 
-        return partition_transformer(graph, cluster, mapping, dims=dims, kv_cache=kv_cache)
+        if mapping is not None:
+            raise SplitError("strategy 'heads' places every part itself; expected no mapping, got one")
+        # devices a sub-block cannot use (fewer KV-head groups than devices) are left out of it, with a warning
+        heads, placement = split_heads(graph, cluster, dims=dims, kv_cache=kv_cache, allow_idle=True)
+        for skipped in heads.skipped:
+            warnings.warn(str(skipped), TransformerSplitWarning, stacklevel=2)
+        check_memory(heads.graph, cluster, placement)
+        return cut(heads.graph, cluster, placement)
     if strategy != "vertical" or is_horizontal(mapping):
         rewritten, where = horizontal(graph, cluster, mapping, strategy=strategy, split=split, dims=dims)
         check_memory(rewritten, cluster, where)
@@ -37,32 +49,6 @@ def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: 
     placement = from_mapping(graph, cluster, mapping) if mapping is not None else balance(graph, cluster)
     check_memory(graph, cluster, placement)
     return cut(graph, cluster, placement)
-
-
-@dataclass(frozen=True)
-class Difference:
-    output: str
-    max_abs: float
-    max_rel: float  # max |a-b| / max(|b|) over the output: robust to near-zero elements
-    ok: bool
-
-
-def compare(plan_outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], rtol: float) -> list[Difference]:
-    diffs = []
-    for name, ref in reference.items():
-        got = plan_outputs[name]
-        if got.shape != ref.shape or got.dtype != ref.dtype:
-            diffs.append(Difference(name, float("inf"), float("inf"), False))
-            continue
-        if ref.dtype.kind not in "fc":
-            bad = float(np.count_nonzero(got != ref))
-            diffs.append(Difference(name, bad, bad, bad == 0))
-            continue
-        err = float(np.max(np.abs(got.astype(np.float64) - ref), initial=0.0))
-        scale = float(np.max(np.abs(ref), initial=0.0))
-        rel = err / scale if scale > 0 else err
-        diffs.append(Difference(name, err, rel, rel <= rtol))
-    return diffs
 
 
 def verify(plan: Plan, graph: Graph, inputs: Mapping[str, np.ndarray], rtol: float = 1e-5, threads: int | None = None) -> list[Difference]:

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from edgesplit.bench import transformers_zoo as tz  # noqa: E402
-from edgesplit.pipeline import compare  # noqa: E402
+from edgesplit.compare import compare  # noqa: E402
 from edgesplit.runtime.local import LocalExecutor, run_whole_model  # noqa: E402
 
 RTOL = 1e-4

@@ -62,17 +62,23 @@ def weights_for(request: SplitRequest) -> list[float]:
     return [1.0] * request.parts
 
 
-def sizes(total: int, weights: Sequence[float], what: str) -> list[int]:
-    """Integer sizes >= 1 summing to `total`, proportional to `weights` (largest remainder)."""
+def sizes(total: int, weights: Sequence[float], what: str, allow_idle: bool = False, remedy: str = "") -> list[int]:
+    """Integer sizes summing to `total`, proportional to `weights` (largest remainder), each >= 1.
+
+    With more parts than units, `allow_idle` gives the parts with the smallest due 0 instead of raising; `remedy`
+    says in the error how else to get there (the caller knows its options).
+    """
     k = len(weights)
     if k < 1:
         raise SplitError(f"{what}: expected at least one device, got none")
-    if k > total:
-        raise SplitError(f"{what}: {k} parts asked but it has only {total}; expected at most {total} parts")
     if any(not w > 0 for w in weights):
         raise SplitError(f"{what}: expected positive device weights, got {list(weights)}")
+    idle = k > total
+    if idle and not allow_idle:
+        raise SplitError(f"{what}: {k} parts asked but it has only {total}; expected at most {total} parts, else a "
+                         f"part would be empty" + (f". {remedy}" if remedy else ""))
     raw = [total * w / sum(weights) for w in weights]
-    base = [max(1, math.floor(r)) for r in raw]
+    base = [math.floor(r) if idle else max(1, math.floor(r)) for r in raw]
     while sum(base) < total:  # largest remainder first
         i = max(range(k), key=lambda j: (raw[j] - base[j], -j))
         base[i] += 1
@@ -235,6 +241,47 @@ class Editor:
         new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
         return replace(new, path=self.graph.path, regions=regions)
 
+    def add(self, *nodes: onnx.NodeProto) -> str:
+        """Append nodes named by the caller (their names taken from now on); `finish` sorts them into place.
+        Returns the last node's first output."""
+        for n in nodes:
+            self.names.add(n.name)
+            self.names.update(o for o in n.output if o)
+        self.nodes.extend(nodes)
+        return nodes[-1].output[0]
+
+    def remove(self, names: Iterable[str]) -> None:
+        drop = set(names)
+        self.nodes = [n for n in self.nodes if n.name not in drop]
+
+    def define(self, name: str, array: np.ndarray) -> str:
+        """An initializer under exactly `name` (a tensor the graph already reads, now a constant)."""
+        self.names.add(name)
+        self.inits[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def finish(self, regions: Sequence[Region] = (), dims: Mapping[str, int] | None = None) -> Graph:
+        """A new Graph (same source hash) for rewrites that record typed regions themselves: nodes and initializers
+        nobody reads are dropped (and with them from the regions' parts), and the shapes inference found for the
+        tensors the source's own nodes still produce are kept."""
+        g = self.model.graph
+        nodes = live_nodes(topological_order(self.nodes), {o.name for o in g.output})
+        used = {r for n in nodes for r in node_references(n)}
+        source = {layer.name for layer in self.graph.layers}
+        shaped = {o for n in nodes if n.name in source for o in n.output}
+        kept = [v for v in g.value_info if v.name in shaped]
+        del g.node[:]
+        g.node.extend(nodes)
+        del g.initializer[:]
+        g.initializer.extend(t for name, t in self.inits.items() if name in used)
+        del g.value_info[:]
+        g.value_info.extend(kept)
+        alive = {n.name for n in nodes}
+        trimmed = tuple(r.with_parts([replace(p, nodes=tuple(n for n in p.nodes if n in alive)) for p in r.parts])
+                        for r in regions)
+        new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
+        return replace(new, path=self.graph.path, regions=(*self.regions, *trimmed))
+
 
 def topological_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """Stable Kahn sort: keeps the given order wherever the dependencies allow."""
@@ -258,6 +305,17 @@ def topological_order(nodes: Sequence[onnx.NodeProto]) -> list[onnx.NodeProto]:
     if len(out) != len(nodes):
         raise SplitError("internal error: the rewritten graph has a cycle")
     return out
+
+
+def live_nodes(nodes: Sequence[onnx.NodeProto], outputs: Iterable[str]) -> list[onnx.NodeProto]:
+    """The nodes (topologically ordered) that some later node or a graph output reads, in their order."""
+    needed = set(outputs)
+    keep = []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output if o):
+            keep.append(n)
+            needed.update(node_references(n))
+    return keep[::-1]
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+
+from edgesplit.rewrite.base import attr
 
 ELEMENTWISE = frozenset({
     "Abs", "Add", "And", "BitwiseAnd", "Cast", "CastLike", "Ceil", "Clip", "Cos", "Div", "Dropout", "Elu", "Equal",
@@ -88,13 +89,6 @@ class Labels:
         for x in np.unique(labels).tolist():  # compress paths, then one vectorised lookup
             self.find(x)
         return self.parent[self.parent[labels]]
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def propagate(
@@ -181,7 +175,7 @@ def _elementwise(node, split, lab, shapes, values, inits, produced) -> None:
 
 def _axis_op(node, split, lab, shapes, values, inits, produced) -> None:
     rank = len(shapes[node.output[0]])
-    axis = _attr(node, "axis", -1) % rank
+    axis = attr(node, "axis", -1) % rank
     if split[0] is not None and split[0].axis == axis:
         raise Rejected(node.name, f"{node.op_type} normalises over the split axis {axis}")
     _elementwise(node, split, lab, shapes, values, inits, produced)
@@ -189,7 +183,7 @@ def _axis_op(node, split, lab, shapes, values, inits, produced) -> None:
 
 def _layer_norm(node, split, lab, shapes, values, inits, produced) -> None:
     rank = len(shapes[node.input[0]])
-    start = _attr(node, "axis", -1) % rank
+    start = attr(node, "axis", -1) % rank
     if split[0] is None or split[0].axis >= start:
         raise Rejected(node.name, "LayerNormalization normalises over the split axis")
     _out_split(node, lab, split[0].axis, split[0].labels)
@@ -200,19 +194,19 @@ def _reduce(node, split, lab, shapes, values, inits, produced) -> None:
     if s is None:
         raise Rejected(node.name, "reduces a tensor computed from split inputs")
     rank = len(shapes[node.input[0]])
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = values.get(node.input[1])
     axes = list(range(rank)) if axes is None or len(axes) == 0 else [int(a) % rank for a in np.ravel(axes)]
     if s.axis in axes:
         raise Rejected(node.name, f"{node.op_type} reduces over the split axis")
-    keep = _attr(node, "keepdims", 1)
+    keep = attr(node, "keepdims", 1)
     _out_split(node, lab, s.axis if keep else s.axis - sum(a < s.axis for a in axes), s.labels)
 
 
 def _transpose(node, split, lab, shapes, values, inits, produced) -> None:
     rank = len(shapes[node.input[0]])
-    perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+    perm = list(attr(node, "perm", list(range(rank))[::-1]))
     _out_split(node, lab, perm.index(split[0].axis), split[0].labels)
 
 
@@ -299,7 +293,7 @@ def _matmul(node, split, lab, shapes, values, inits, produced) -> None:
 
 def _concat(node, split, lab, shapes, values, inits, produced) -> None:
     rank = len(shapes[node.output[0]])
-    axis = _attr(node, "axis") % rank
+    axis = attr(node, "axis") % rank
     first = next(s for s in split if s is not None)
     if first.axis != axis:
         a, labels = _align_inputs(node, split, lab, shapes, inits, produced, rank, range(len(node.input)))
@@ -313,7 +307,7 @@ def _concat(node, split, lab, shapes, values, inits, produced) -> None:
 def _split(node, split, lab, shapes, values, inits, produced) -> None:
     s = split[0]
     rank = len(shapes[node.input[0]])
-    axis = _attr(node, "axis", 0) % rank
+    axis = attr(node, "axis", 0) % rank
     if s.axis != axis:
         for k, o in enumerate(node.output):
             if o:
@@ -366,7 +360,7 @@ def _gather(node, split, lab, shapes, values, inits, produced) -> None:
     if s is None or split[1] is not None:
         raise Rejected(node.name, "Gather with split indices")
     rank = len(shapes[node.input[0]])
-    axis = _attr(node, "axis", 0) % rank
+    axis = attr(node, "axis", 0) % rank
     if axis == s.axis:
         raise Rejected(node.name, "Gather along the split axis")
     q = len(shapes[node.input[1]])
@@ -383,14 +377,14 @@ def _trilu(node, split, lab, shapes, values, inits, produced) -> None:
 def _seg_transpose(node, split, lab, shapes, values, inits, produced) -> None:
     s = split[0]
     rank = len(shapes[node.input[0]])
-    perm = list(_attr(node, "perm", list(range(rank))[::-1]))
+    perm = list(attr(node, "perm", list(range(rank))[::-1]))
     lab.tensors[node.output[0]] = Split(perm.index(s.axis), s.labels, perm.index(s.seg))
 
 
 def _seg_split(node, split, lab, shapes, values, inits, produced) -> None:
     s = split[0]
     rank = len(shapes[node.input[0]])
-    if _attr(node, "axis", 0) % rank != s.seg or any(shapes[o][s.seg] != 1 for o in node.output if o):
+    if attr(node, "axis", 0) % rank != s.seg or any(shapes[o][s.seg] != 1 for o in node.output if o):
         raise Rejected(node.name, "splits a fused q/k/v tensor other than into its segments")
     for k, o in enumerate(node.output):
         if o:
@@ -401,7 +395,7 @@ def _seg_gather(node, split, lab, shapes, values, inits, produced) -> None:
     s = split[0]
     rank = len(shapes[node.input[0]])
     index = values.get(node.input[1])
-    if _attr(node, "axis", 0) % rank != s.seg or index is None or np.ndim(index) != 0 or split[1] is not None:
+    if attr(node, "axis", 0) % rank != s.seg or index is None or np.ndim(index) != 0 or split[1] is not None:
         raise Rejected(node.name, "reads a fused q/k/v tensor other than one segment at a time")
     _out_split(node, lab, s.axis - (s.seg < s.axis), s.labels[int(index)].copy())
 

@@ -1,7 +1,8 @@
 """The split graph against the unsplit model on the sample inputs: a split is returned only if they agree.
 
 With a sharded KV cache the split graph's interface differs (one past/present per part): `shard_feeds` and
-`unshard_outputs` translate between the two.
+`unshard_outputs` translate between the two. With a distributed argmax LM head, the split graph's token ids are
+compared with the argmax of the unsplit logits.
 """
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from edgesplit.compare import compare
 from edgesplit.graph import Graph
-from edgesplit.rewrite import concrete as concrete_run
+from edgesplit.probe import Concrete, run_model
 from edgesplit.rewrite.base import SplitError
 
+RTOL = 1e-4
 
-def shard_feeds(feeds: Mapping[str, np.ndarray], new_inputs) -> dict[str, np.ndarray]:
+# a cache input or output -> its per-part pieces: (name, axis, indices of the part's elements along the axis)
+Pieces = Mapping[str, list[tuple[str, int, np.ndarray]]]
+
+
+def shard_feeds(feeds: Mapping[str, np.ndarray], new_inputs: Pieces) -> dict[str, np.ndarray]:
     """The unsplit model's feeds for a graph split with kv_cache="shard": each part's slice of every cache input."""
     out = {k: v for k, v in feeds.items() if k not in new_inputs}
     for name, pieces in new_inputs.items():
@@ -24,9 +31,9 @@ def shard_feeds(feeds: Mapping[str, np.ndarray], new_inputs) -> dict[str, np.nda
     return out
 
 
-def unshard_outputs(outputs: Mapping[str, np.ndarray], new_outputs) -> dict[str, np.ndarray]:
+def unshard_outputs(outputs: Mapping[str, np.ndarray], new_outputs: Pieces) -> dict[str, np.ndarray]:
     """The unsplit model's outputs from a kv_cache="shard" graph's: the parts' caches put back together."""
-    out = {k: v for k, v in outputs.items()}
+    out = dict(outputs)
     for name, pieces in new_outputs.items():
         axis = pieces[0][1]
         order = np.concatenate([keep for _, _, keep in pieces])
@@ -35,27 +42,23 @@ def unshard_outputs(outputs: Mapping[str, np.ndarray], new_outputs) -> dict[str,
     return out
 
 
-def self_check(graph: Graph, sample: concrete_run.Concrete, new_inputs, new_outputs, argmax_outputs) -> float:
+def self_check(graph: Graph, sample: Concrete, new_inputs: Pieces, new_outputs: Pieces,
+               argmax_outputs: Mapping[str, str]) -> float:
+    """The largest relative error of the split graph on the sample inputs; raises above `RTOL`."""
     try:
-        got = unshard_outputs(concrete_run.run_model(graph.model, shard_feeds(sample.inputs, new_inputs)), new_outputs)
+        got = unshard_outputs(run_model(graph.model, shard_feeds(sample.inputs, new_inputs)), new_outputs)
     except Exception as exc:  # onnxruntime's own exception types
         raise SplitError(f"internal error: the split graph does not run on sample inputs "
                          f"({str(exc).splitlines()[0][:300]}); refusing it. Please report this model.") from None
-    worst = 0.0
-    for name, ref in sample.outputs.items():
-        if name in argmax_outputs:  # greedy ids against the unsplit logits' argmax
-            name, ref = argmax_outputs[name], np.argmax(ref, axis=-1)
-        g = got[name]
-        if g.shape != ref.shape:
-            raise SplitError(f"internal error: the split graph's output {name!r} has shape {g.shape}, "
+    reference = {argmax_outputs.get(name, name): np.argmax(ref, axis=-1) if name in argmax_outputs else ref
+                 for name, ref in sample.outputs.items()}  # greedy ids against the unsplit logits' argmax
+    for name, ref in reference.items():
+        if got[name].shape != ref.shape:
+            raise SplitError(f"internal error: the split graph's output {name!r} has shape {got[name].shape}, "
                              f"expected {ref.shape}")
-        if ref.dtype.kind in "fc":
-            scale = float(np.max(np.abs(ref), initial=0.0)) or 1.0
-            rel = float(np.max(np.abs(g.astype(np.float64) - ref), initial=0.0)) / scale
-        else:
-            rel = float(np.count_nonzero(g != ref))
-        worst = max(worst, rel)
-    if not worst <= 1e-4:
+    diffs = compare(got, reference, RTOL)
+    worst = max((d.max_rel for d in diffs), default=0.0)
+    if not all(d.ok for d in diffs):
         raise SplitError(f"internal error: the split graph differs from the model on sample inputs (max relative "
                          f"error {worst:.3g}); refusing it. Please report this model.")
     return worst

@@ -1,22 +1,26 @@
-"""Concrete shapes of every tensor: one onnxruntime run on sample inputs, every intermediate exposed.
+"""Concrete shapes and values: one onnxruntime run on sample inputs with intermediate tensors exposed.
 
 Static shape inference loses track of exporters' dynamic reshapes (Shape -> Gather -> Concat -> Reshape); a run
-does not. Symbolic dims take sizes > 1 (batch 2, others 5 unless given), so no axis hides behind a size of 1.
+does not. `load` probes the tensors inference left without a shape (`graph._probe`); the Transformer rewrite runs
+the whole model once (`run`) to follow every reshape exactly. Symbolic dims of `sample_inputs` take sizes > 1
+(batch 2, others 5 unless given), so no axis hides behind a size of 1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from edgesplit.errors import ModelError
-from edgesplit.graph import Graph
-from edgesplit.runtime.common import session_options
+
+if TYPE_CHECKING:
+    from edgesplit.graph import Graph
 
 SMALL = 64  # int tensors up to this many elements keep their values (shape vectors, slice bounds)
 
@@ -54,25 +58,32 @@ def sample_inputs(graph: Graph, dims: Mapping[str, int] | None = None, seed: int
     return out
 
 
+def exposing(model: onnx.ModelProto, tensors: Iterable[str], only: bool = False) -> onnx.ModelProto:
+    """A copy of `model` with `tensors` as outputs too (`only`: instead of its own outputs)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if only:
+        del out.graph.output[:]
+    declared = {o.name for o in out.graph.output}
+    out.graph.output.extend(onnx.ValueInfoProto(name=t) for t in dict.fromkeys(tensors) if t not in declared)
+    return out
+
+
 def run_model(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every output of `model`, unoptimised: a one-off run, where optimising a large graph costs more than it saves."""
-    opts = session_options(None)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(inputs))))
 
 
 def run(graph: Graph, inputs: Mapping[str, np.ndarray]) -> Concrete:
-    model = onnx.ModelProto()
-    model.CopyFrom(graph.model)
-    declared = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        for o in node.output:
-            if o and o not in declared:
-                elem = helper.np_dtype_to_tensor_dtype(np.dtype(graph.tensors[o].dtype))
-                model.graph.output.append(helper.make_tensor_value_info(o, elem, None))
-                declared.add(o)
+    """Every tensor's concrete shape, the values of the small integer ones, and the model's outputs."""
+    model = exposing(graph.model, (o for node in graph.model.graph.node for o in node.output if o))
     try:
         results = run_model(model, inputs)
     except Exception as exc:  # onnxruntime raises its own exception types
