@@ -39,7 +39,7 @@ def prepare(work: Path, size: int) -> dict:
     from edgesplit.bench import zoo
     from edgesplit.cluster import Cluster
     from edgesplit.graph import load
-    from edgesplit.pipeline import partition
+    from edgesplit.planner import partition
     from edgesplit.plan import SINK, SOURCE
 
     model = zoo.export(zoo.resnet18(), (1, 3, size, size), work / "model.onnx", dynamic_batch=False)

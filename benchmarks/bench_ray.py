@@ -25,7 +25,7 @@ import edgesplit
 from edgesplit.bench import zoo
 from edgesplit.bench.harness import interleaved_medians, machine, markdown_table, median_seconds, write_report
 from edgesplit.cluster import Cluster
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.plan import cut
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import random_inputs, session_options

@@ -3,7 +3,8 @@
 from edgesplit.cluster import Cluster, Device, Link, PowerProfile
 from edgesplit.errors import EdgesplitError
 from edgesplit.graph import Graph, load
-from edgesplit.pipeline import partition, verify
+from edgesplit.planner import partition
+from edgesplit.runtime.local import verify
 from edgesplit.plan import Plan
 from edgesplit.runtime.local import LocalExecutor
 

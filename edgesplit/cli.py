@@ -106,7 +106,7 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
-    from edgesplit.pipeline import partition as do_partition
+    from edgesplit.planner import partition as do_partition
     from edgesplit.place import load_mapping
 
     the_cluster = _cluster(devices, cluster)
@@ -176,7 +176,7 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
     from rich.table import Table
 
     from edgesplit.graph import load
-    from edgesplit.pipeline import verify as do_verify
+    from edgesplit.runtime.local import verify as do_verify
     from edgesplit.plan import Plan
     from edgesplit.runtime.common import random_inputs
 

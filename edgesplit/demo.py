@@ -25,7 +25,8 @@ from edgesplit import report
 from edgesplit.cluster import Cluster
 from edgesplit.datasets import accuracy, mnist_split, provenance, shipped_model
 from edgesplit.graph import Graph, load
-from edgesplit.pipeline import compare, partition
+from edgesplit.compare import compare
+from edgesplit.planner import partition
 from edgesplit.plan import Plan, Stage
 from edgesplit.runtime.common import session_options
 from edgesplit.runtime.local import LocalExecutor, run_whole_model

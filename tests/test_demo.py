@@ -19,7 +19,7 @@ from edgesplit.cli import main
 from edgesplit.datasets import accuracy, mnist_split, provenance, shipped_model
 from edgesplit.demo import activation_peak, run_demo
 from edgesplit.errors import ClusterError, EdgesplitError
-from edgesplit.pipeline import verify
+from edgesplit.runtime.local import verify
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

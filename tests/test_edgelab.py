@@ -97,7 +97,7 @@ def edge_lab():
 def vertical_plan(tmp_path_factory) -> Path:
     from edgesplit.cluster import Cluster
     from edgesplit.graph import from_model
-    from edgesplit.pipeline import partition
+    from edgesplit.planner import partition
 
     directory = tmp_path_factory.mktemp("lab_plan")
     model = chain_model()

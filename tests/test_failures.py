@@ -17,7 +17,7 @@ from edgesplit.bench import zoo
 from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError, PlanError
 from edgesplit.layout import ReplicaMode
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
 from edgesplit.place.parts import place

@@ -7,7 +7,7 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ray = pytest.importorskip("ray")
+import ray
 from edgesplit.bench import transformers_zoo as tz  # noqa: E402
 
 from edgesplit.runtime import raycluster  # noqa: E402

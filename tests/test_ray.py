@@ -17,7 +17,7 @@ import pytest
 
 from edgesplit.cluster import Cluster, Device
 from edgesplit.errors import ClusterError, DeviceFailedError, EdgesplitError, StageError
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.plan import SOURCE
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, random_inputs
@@ -25,7 +25,7 @@ from edgesplit.runtime.failures import DeviceLost, DeviceRejoined
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 from test_failures import HORIZONTAL, HYBRID, split_conv_plan
 
-ray = pytest.importorskip("ray")
+import ray
 pytestmark = pytest.mark.ray
 DEVICES = ("dev0", "dev1", "dev2", "dev3")
 

@@ -163,15 +163,14 @@ def exit_rows_zeroed(model: onnx.ModelProto, lost: dict[str, tuple[int, list[int
 
 @pytest.mark.slow
 def test_transformer_heads_and_neurons_every_failure_set(tmp_path):
-    pytest.importorskip("transformers")  # a third-party package, not one of ours
     from test_transformer_split_models import export
 
-    from edgesplit.rewrite.concrete import sample_inputs
-    from edgesplit.rewrite.transformer import split_transformer
+    from edgesplit.place.heads import split_heads
+    from edgesplit.probe import sample_inputs
 
     graph = edgesplit.load(export("bert", tmp_path))
     cluster = Cluster.simulated(3)
-    split = split_transformer(graph, cluster, devices=["dev0", "dev1"], vocab=False)
+    split, placement = split_heads(graph, cluster, devices=["dev0", "dev1"], vocab=False)
     sums = [r for r in split.graph.regions if r.kind in ("heads", "neurons")]
     assert len(sums) == 2 * split.blocks
     requests = []
@@ -180,7 +179,7 @@ def test_transformer_heads_and_neurons_every_failure_set(tmp_path):
         units = r.parts[part].units
         requests += [ReplicaRequest(r.name, part, units[: len(units) // 2], "dev2"),
                      ReplicaRequest(r.name, part, units[-1:], "dev0", HOT)]
-    graph2, where = with_replicas(split.graph, split.placement, requests)
+    graph2, where = with_replicas(split.graph, placement, requests)
     plan = plan_of(graph2, cluster, where)
     x = sample_inputs(graph, {"batch": 2, "seq": 5}, seed=2)
     ex = LocalExecutor(plan, allow_degraded=True)

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from edgesplit.cluster import Cluster
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.place.regions import device_groups
 from edgesplit.rewrite.base import SplitRequest
 from edgesplit.rewrite.cnn import apply

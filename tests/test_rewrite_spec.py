@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from edgesplit.cli import main
 from edgesplit.cluster import Cluster, Device
 from edgesplit.errors import EdgesplitError, MappingError
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.plan import Plan
 from edgesplit.rewrite.base import SplitError, SplitRequest
 from edgesplit.rewrite.cnn import apply
@@ -138,7 +138,7 @@ def test_strategy_errors(zoo_graphs):
     graph = zoo_graphs["vgg"]
     with pytest.raises(EdgesplitError, match="at least 2 devices"):
         partition(graph, Cluster.simulated(1), strategy="horizontal")
-    with pytest.raises(EdgesplitError, match="--split one of"):
+    with pytest.raises(EdgesplitError, match="--split: expected one of"):
         partition(graph, Cluster.simulated(2), strategy="horizontal", split="diagonal")
     with pytest.raises(MappingError, match="vertical-only mapping"):
         partition(graph, Cluster.simulated(2), {"dev0": [l.name for l in graph.layers]}, strategy="hybrid")

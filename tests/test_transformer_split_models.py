@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from torch import nn  # noqa: E402
 
 KINDS = ("gpt2", "gpt2-12", "bert", "bert6", "llama", "llama93", "vit", "vit-timm", "vit-talking")

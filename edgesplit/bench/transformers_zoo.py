@@ -470,6 +470,6 @@ def graph(path: str | Path) -> Any:
 def vertical_plan(path: str | Path, devices: int) -> Any:
     """`partition(graph(path), Cluster.simulated(devices))`, once per process."""
     from edgesplit.cluster import Cluster
-    from edgesplit.pipeline import partition
+    from edgesplit.planner import partition
 
     return partition(graph(path), Cluster.simulated(devices))

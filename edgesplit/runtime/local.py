@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from edgesplit.compare import Difference, compare
+from edgesplit.graph import Graph
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import RunResult, check_inputs, session_options
 from edgesplit.runtime.failures import Router
@@ -55,3 +57,11 @@ def run_whole_model(model: str | Path | onnx.ModelProto, inputs: Mapping[str, np
     sess = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(inputs))))
+
+
+def verify(plan: Plan, graph: Graph, inputs: Mapping[str, np.ndarray], rtol: float = 1e-5,
+           threads: int | None = None) -> list[Difference]:
+    """Run the plan and the whole model on the same inputs and compare every output."""
+    got = LocalExecutor(plan, threads=threads).run(inputs).outputs
+    ref = run_whole_model(graph.model, inputs, threads=threads)
+    return compare(got, {o.name: ref[o.name] for o in plan.outputs}, rtol)
