@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from edgesplit.errors import EdgesplitError
 from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy
@@ -29,18 +31,46 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _Notes(logging.Handler):
+    """edgesplit's notes (INFO) and warnings, one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        label = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "[cyan]note:[/]"
+        err_console.print(f"{label} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+
+
 @click.group(cls=_Group)
 @click.version_option(package_name="edgesplit")
 def main() -> None:
     """Split one ONNX model across several edge devices, run it, verify it."""
+    log = logging.getLogger("edgesplit")
+    if not any(isinstance(h, _Notes) for h in log.handlers):
+        log.addHandler(_Notes())
+        log.setLevel(logging.INFO)
 
 
 def _cluster(devices: int | None, cluster: Path | None):
     from edgesplit.cluster import Cluster
 
     if (devices is None) == (cluster is None):
-        raise EdgesplitError("expected exactly one of --devices N or --cluster cluster.yaml")
+        raise EdgesplitError("expected exactly one of --devices N or --cluster cluster.yaml (or platform.txt)")
+    if cluster and cluster.suffix == ".txt" and cluster.is_file():
+        from edgesplit.platforms import describe, load_platform
+
+        found = load_platform(cluster)
+        logging.getLogger("edgesplit").info(describe(found, f"AutoDiCE platform file {cluster}"))
+        return found
     return Cluster.load(cluster) if cluster else Cluster.simulated(devices)
+
+
+def _cluster_from(mapping: object):
+    """Without --devices or --cluster: the devices the mapping's keys describe (AutoDiCE's host_resource keys)."""
+    from edgesplit.place.autodice import cluster_from_mapping
+    from edgesplit.platforms import describe
+
+    found = cluster_from_mapping(mapping)
+    logging.getLogger("edgesplit").info(describe(found, "the mapping's keys"))
+    return found
 
 
 def _dims(values: tuple[str, ...]) -> dict[str, int]:
@@ -92,6 +122,8 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 @click.option("--devices", type=click.IntRange(min=1), help="Number of identical simulated devices.")
 @click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML describing the devices.")
 @click.option("--mapping", type=click.Path(path_type=Path), help="Mapping JSON (AutoDiCE) or YAML; default: automatic.")
+@click.option("--horizontal", type=click.Path(path_type=Path),
+              help="AutoDiCE horizontal.json for a hybrid pair with --mapping (split layers listed under every device).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Plan directory to write.")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for byte counts, NAME=SIZE.")
 @click.option("--kv-cache", type=click.Choice(KvCache.names()), default="gather", show_default=True,
@@ -101,17 +133,24 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
-def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, output: Path,
-              dims: tuple[str, ...], strategy: str, split: str, kv_cache: str) -> None:
+def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, horizontal: Path | None,
+              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
     from edgesplit.planner import partition as do_partition
     from edgesplit.place import load_mapping
 
-    the_cluster = _cluster(devices, cluster)
+    if horizontal and not mapping:
+        raise EdgesplitError("--horizontal FILE is one half of AutoDiCE's hybrid pair: expected --mapping FILE too")
+    the_cluster = _cluster(devices, cluster) if devices or cluster or not mapping else None
     the_mapping = load_mapping(mapping) if mapping else None
     graph = load(model, dims=_dims(dims))
+    if horizontal:
+        from edgesplit.place.autodice import merge_hybrid
+
+        the_mapping = merge_hybrid(the_mapping, load_mapping(horizontal), graph)
+    the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
     plan.save(output)
     console.print(report.plan_table(plan))
@@ -324,11 +363,12 @@ def device_list(address, timeout, show_all, token_file, no_auth, as_json) -> Non
                               indent=1))
         return
     table = Table(title=f"devices of {address}")
-    for col in ("device", "alive", "cores", "memory", "object store", "node", "address"):
+    for col in ("device", "alive", "cores", "memory", "object store", "providers", "node", "address"):
         table.add_column(col)
     for r in rows:
         table.add_row((r.name or "-") + (" (head)" if r.head else ""), "[green]yes[/]" if r.alive else "[red]no[/]",
                       f"{r.cores:g}", f"{r.memory / 2**30:.2f} GiB", f"{r.object_store / 2**20:.0f} MiB",
+                      ", ".join(p.removesuffix("ExecutionProvider") for p in r.providers) or "-",
                       r.node_id[:12], r.address)
     console.print(table)
     if twice:

@@ -32,6 +32,9 @@ class Device:
     memory: int  # bytes available to the model
     speed: float = 1.0  # relative compute speed, used to weight load
     power: PowerProfile | None = None
+    providers: tuple[str, ...] = ()  # onnxruntime execution providers in order of preference; () = CPU
+    host: str = ""  # devices naming the same host share its memory (`memory` is the host's) and a local link
+    gpu: str = ""  # the GPU this device stands for, as its source described it ("" = none)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class Cluster:
     @staticmethod
     def load(path: str | Path) -> Cluster:
         path = Path(path)
+        if path.suffix == ".txt" and path.is_file():
+            from edgesplit.platforms import load_platform
+
+            return load_platform(path)
         if not path.is_file():
             raise ClusterError(f"expected a cluster YAML file, but {str(path)!r} does not exist")
         try:
@@ -93,6 +100,7 @@ class Cluster:
             entry: dict[str, Any] = {"name": d.name, "cores": d.cores, "memory": f"{d.memory / 2**20:g}MiB", "speed": d.speed}
             if d.power:
                 entry["power"] = {"idle_w": d.power.idle_w, "busy_w": d.power.busy_w}
+            entry.update(_extras(d))
             devices.append(entry)
         links: dict[str, Any] = {"default": link(self.default_link)}
         if self.links:
@@ -123,6 +131,7 @@ class Cluster:
                         memory=parse_bytes(entry["memory"], f"{where}.memory"),
                         speed=float(entry.get("speed", 1.0)),
                         power=PowerProfile(float(power["idle_w"]), float(power["busy_w"])) if power else None,
+                        **_extras_from(entry, where),
                     )
                 )
             except (ClusterError, ValueError, TypeError, KeyError) as exc:
@@ -172,6 +181,20 @@ def _problems(c: Cluster) -> list[str]:
         if not link.bandwidth > 0 or link.latency < 0:
             problems.append(f"link {a}-{b}: expected bandwidth > 0 and latency >= 0, got {link.bandwidth} B/s, {link.latency} s")
     return problems
+
+
+def _extras(d: Device) -> dict[str, Any]:
+    """The optional fields of a device that differ from their defaults, as YAML writes them."""
+    extra: dict[str, Any] = {"providers": list(d.providers)} if d.providers else {}
+    return {**extra, **({"host": d.host} if d.host else {}), **({"gpu": d.gpu} if d.gpu else {})}
+
+
+def _extras_from(entry: Mapping[str, Any], where: str) -> dict[str, Any]:
+    providers = entry.get("providers", [])
+    if not isinstance(providers, list) or not all(isinstance(p, str) and p for p in providers):
+        raise ClusterError(f"{where}.providers: expected a list of onnxruntime execution providers such as "
+                           f"[CUDAExecutionProvider, CPUExecutionProvider], got {providers!r}")
+    return {"providers": tuple(providers), "host": str(entry.get("host", "")), "gpu": str(entry.get("gpu", ""))}
 
 
 def _kind(x: Any) -> str:

@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from edgesplit.errors import ModelError
 from edgesplit.layout import Region
+from edgesplit.opset import upgrade
 
 Dim = int | str
 
@@ -105,7 +106,7 @@ class Graph:
 
 
 def load(source: str | Path | onnx.ModelProto, dims: Mapping[str, int] | None = None) -> Graph:
-    """Load, check and shape-infer an ONNX model (opset >= 13, external data allowed)."""
+    """Load, check and shape-infer an ONNX model (opset < 13 is converted, external data allowed)."""
     if isinstance(source, onnx.ModelProto):
         model, name, digest = source, source.graph.name or "model", _sha256_bytes(source.SerializeToString())
     else:
@@ -118,10 +119,7 @@ def from_model(
     model: onnx.ModelProto, dims: Mapping[str, int] | None = None, name: str = "model", sha256: str | None = None
 ) -> Graph:
     """Build a Graph from an in-memory model (used by load and by every rewrite)."""
-    model = _fold_constants(_stable_names(model))
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise ModelError(f"expected an ONNX model with opset >= 13, got opset {opset}; convert it with onnx.version_converter")
+    model = _fold_constants(_stable_names(upgrade(model, dims)))  # opset < 13: converted and checked
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises several exception types for inference failures

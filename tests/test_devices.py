@@ -140,7 +140,7 @@ def test_ray_start_arguments():
     opts = raynodes.NodeOptions(name="pi-2", cores=2, memory=2**31, object_store_memory=10**8,
                                node_ip_address="10.0.0.7", temp_dir=None)
     args = opts.ray_args()
-    assert json.loads(args[args.index("--resources") + 1]) == {"edgesplit_device:pi-2": 1}
+    assert json.loads(args[args.index("--resources") + 1]) == {"edgesplit_device:pi-2": 1, **raynodes.provider_resources()}
     assert args[args.index("--num-cpus") + 1] == "2" and args[args.index("--memory") + 1] == str(2**31)
     assert args[args.index("--node-ip-address") + 1] == "10.0.0.7" and "--block" not in args
     assert "--resources" not in raynodes.NodeOptions().ray_args()  # a head that hosts no device

@@ -24,6 +24,7 @@ from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError
 from edgesplit.graph import Graph
 from edgesplit.layout import CNN_KINDS, SplitKind
+from edgesplit.place.autodice import interior_points, keys_problem
 from edgesplit.place.parts import HorizontalSpec
 from edgesplit.place.vertical import expand_layers
 from edgesplit.rewrite.base import SplitRequest
@@ -110,17 +111,24 @@ def _region(graph: Graph, item: Any, where: str, problems: list[str]) -> list[As
     if shape is None:
         return []
 
-    def make(ls: list[str]) -> Asked:
-        return SplitRequest(SplitKind(kind), tuple(ls), len(devices), **shape), tuple(devices)
+    def make(ls: list[str]) -> list[Asked]:
+        points = shape["points"]
+        if points is not None and kind in AUTODICE_KINDS and len(ls) == 1:
+            try:
+                points = tuple(interior_points(graph, ls[0], kind, points, len(devices)))
+            except MappingError as exc:
+                problems.append(str(exc))
+                return []
+        return [(SplitRequest(SplitKind(kind), tuple(ls), len(devices), **{**shape, "points": points}), tuple(devices))]
 
     if kind not in PER_LAYER or len(layers) == 1:
-        return [make(layers)]
+        return make(layers)
     heads = [l for l in layers if _head_ok(graph, l, kind)]
     if not heads:
         problems.append(f"{where}: no layer in {layers[0]!r} .. {layers[-1]!r} can be split by {kind}")
     if shape["points"] is not None and len(heads) > 1:
         problems.append(f"{where}: split points apply to one layer; the range has {len(heads)} layers to split")
-    return [make([h]) for h in heads]
+    return [asked for h in heads for asked in make([h])]
 
 
 def _shape(item: Mapping[str, Any], where: str, problems: list[str]) -> dict[str, Any] | None:
@@ -164,12 +172,22 @@ def vertical_placement(graph: Graph, cluster: Cluster, vertical: Mapping[str, An
     """The vertical part of a hybrid mapping: every layer outside the regions must be given a device."""
     problems: list[str] = []
     placement: dict[str, str] = {}
+    listed: dict[str, list[str]] = {}
     for device, items in vertical.items():
         if device not in cluster.names:
-            problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}")
+            problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}"
+                            + keys_problem(cluster, vertical))
         for item in items if isinstance(items, list) else [items]:
             for layer in expand(graph, item, f"device {device!r}", problems):
                 placement[layer] = device
+                listed.setdefault(layer, []).append(device)
+    for layer, devices in listed.items():
+        if len(set(devices)) < 2:
+            continue
+        if layer in covered:  # AutoDiCE lists a split layer under every device that takes a part of it
+            del placement[layer]
+        else:
+            problems.append(f"layer {layer!r} is assigned to two devices: {devices[0]!r} and {devices[-1]!r}")
     missing = [l.name for l in graph.layers if l.name not in placement and l.name not in covered]
     if missing:
         shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")

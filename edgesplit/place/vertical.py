@@ -14,6 +14,7 @@ import yaml
 from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError, PlacementError
 from edgesplit.graph import Graph
+from edgesplit.place.autodice import keys_problem, resolve
 
 Placement = Mapping[str, str]  # layer name -> device name
 
@@ -45,7 +46,8 @@ def from_mapping(graph: Graph, cluster: Cluster, mapping: Any) -> dict[str, str]
     placement: dict[str, str] = {}
     for device, items in mapping.items():
         if device not in cluster.names:
-            problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}")
+            problems.append(f"device {device!r} is not in the cluster; expected one of {list(cluster.names)}"
+                            + keys_problem(cluster, mapping))
         items = items if isinstance(items, list) else [items]
         for item in items:
             for layer in expand_layers(graph, item, problems):
@@ -64,16 +66,18 @@ def from_mapping(graph: Graph, cluster: Cluster, mapping: Any) -> dict[str, str]
 def expand_layers(graph: Graph, item: Any, problems: list[str]) -> list[str]:
     """A layer name or {from: a, to: b} (inclusive, topological order) -> layer names; problems are appended."""
     if isinstance(item, str):
-        if graph.has_layer(item):
-            return [item]
-        problems.append(_unknown(graph, item))
-        return []
+        found, problem = resolve(graph, item)
+        if problem:
+            problems.append(_unknown(graph, item) if problem.startswith("unknown") else problem)
+        return found
     if isinstance(item, dict) and set(item) == {"from", "to"}:
-        a, b = str(item["from"]), str(item["to"])
-        bad = [_unknown(graph, x) for x in (a, b) if not graph.has_layer(x)]
+        ends = [resolve(graph, str(item[k])) for k in ("from", "to")]
+        bad = [_unknown(graph, str(item[k])) if p.startswith("unknown") else p
+               for k, (found, p) in zip(("from", "to"), ends) if p or not found]
         if bad:
             problems.extend(bad)
             return []
+        (a,), (b,) = ends[0][0], ends[1][0]
         i, j = graph.position(a), graph.position(b)
         if i > j:
             problems.append(f"range from {a!r} to {b!r}: {a!r} comes after {b!r} in topological order")
@@ -98,6 +102,7 @@ def memory_need(graph: Graph, layers: list[str]) -> int:
 
 
 def check_memory(graph: Graph, cluster: Cluster, placement: Placement) -> None:
+    """Every device's layers fit its budget, and the devices of one host together fit the host's memory."""
     by_device: dict[str, list[str]] = {d: [] for d in cluster.names}
     for layer, device in placement.items():
         by_device[device].append(layer)
@@ -106,6 +111,13 @@ def check_memory(graph: Graph, cluster: Cluster, placement: Placement) -> None:
         need = memory_need(graph, by_device[d.name])
         if need > d.memory:
             over.append(f"device {d.name!r} needs {_mib(need)} (parameters + activations) but its budget is {_mib(d.memory)}")
+    for host in dict.fromkeys(d.host for d in cluster.devices if d.host):
+        sharing = [d for d in cluster.devices if d.host == host]
+        need = sum(memory_need(graph, by_device[d.name]) for d in sharing)
+        budget = min(d.memory for d in sharing)
+        if len(sharing) > 1 and need > budget:
+            over.append(f"host {host!r} (devices {[d.name for d in sharing]}) needs {_mib(need)} together but "
+                        f"shares {_mib(budget)}")
     if over:
         raise PlacementError("placement exceeds device memory:\n  " + "\n  ".join(over))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -10,6 +11,9 @@ import onnxruntime as ort
 
 from edgesplit.errors import InputError
 from edgesplit.graph import TensorInfo
+
+CPU = "CPUExecutionProvider"
+log = logging.getLogger("edgesplit")
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,15 @@ def session_options(threads: int | None) -> ort.SessionOptions:
     # idle threads spinning for work steal the cores other stages (and other sessions) need
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
+
+
+def device_providers(device: str, wanted: Sequence[str]) -> list[str]:
+    """The execution providers a device's sessions use: those it asks for that this onnxruntime has, in its order,
+    and CPU last. Providers it lacks are named in one warning (its stages run on what is left)."""
+    available = ort.get_available_providers()
+    missing = [p for p in wanted if p not in available]
+    if missing:
+        log.warning("device %r: execution provider%s %s not available in this onnxruntime (it has %s); falling back "
+                    "to %s", device, "s" if len(missing) > 1 else "", ", ".join(missing),
+                    ", ".join(available), ", ".join([p for p in wanted if p in available and p != CPU] + [CPU]))
+    return [p for p in wanted if p in available and p != CPU] + [CPU]

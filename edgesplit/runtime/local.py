@@ -13,7 +13,7 @@ import onnxruntime as ort
 from edgesplit.compare import Difference, compare
 from edgesplit.graph import Graph
 from edgesplit.plan import Plan
-from edgesplit.runtime.common import RunResult, check_inputs, session_options
+from edgesplit.runtime.common import RunResult, check_inputs, device_providers, session_options
 from edgesplit.runtime.failures import Router
 
 
@@ -27,8 +27,10 @@ class LocalExecutor:
         self.failed = frozenset(failed)
         self.router = Router(plan, allow_degraded)  # failure-set semantics shared with the ray executor
         opts = session_options(threads)
+        live = dict.fromkeys(s.device for s in self.router.specs if s.device not in self.failed)
+        providers = {d: device_providers(d, plan.cluster.device(d).providers) for d in live}
         self.sessions = {
-            s.name: ort.InferenceSession(s.model, opts, providers=["CPUExecutionProvider"])
+            s.name: ort.InferenceSession(s.model, opts, providers=providers[s.device])
             for s in self.router.specs
             if s.device not in self.failed
         }

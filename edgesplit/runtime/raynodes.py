@@ -25,6 +25,7 @@ from pathlib import Path
 from edgesplit.errors import ClusterError, EdgesplitError
 
 RESOURCE_PREFIX = "edgesplit_device:"
+PROVIDER_PREFIX = "edgesplit_provider:"  # the onnxruntime execution providers a device's node has
 TOKEN_AUTH_SINCE = "2.52.0"
 DEFAULT_PORT = 6379
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -43,15 +44,23 @@ class NodeDevice:
     alive: bool
     head: bool
     death: str = ""
+    providers: tuple[str, ...] = ()  # as the node's onnxruntime reported them when it joined
 
     def to_dict(self) -> dict:
         return {"name": self.name, "alive": self.alive, "cores": self.cores, "memory": self.memory,
                 "object_store": self.object_store, "address": self.address, "node_id": self.node_id,
-                "head": self.head, "death": self.death}
+                "head": self.head, "death": self.death, "providers": list(self.providers)}
 
 
 def resource(name: str) -> str:
     return RESOURCE_PREFIX + check_name(name)
+
+
+def provider_resources() -> dict[str, int]:
+    """This machine's onnxruntime execution providers as Ray resources, so `edgesplit device list` can show them."""
+    import onnxruntime as ort
+
+    return {PROVIDER_PREFIX + p: 1 for p in ort.get_available_providers()}
 
 
 def check_name(name: str) -> str:
@@ -223,7 +232,8 @@ def _node(info) -> NodeDevice:
         name=",".join(names) or None, node_id=info.node_id.hex(), address=info.node_manager_address,
         cores=resources.get("CPU", 0.0), memory=int(resources.get("memory", 0)),
         object_store=int(resources.get("object_store_memory", 0)), alive=info.state == 0,
-        head=bool(info.is_head_node), death=death)
+        head=bool(info.is_head_node), death=death,
+        providers=tuple(sorted(k[len(PROVIDER_PREFIX):] for k in resources if k.startswith(PROVIDER_PREFIX))))
 
 
 def devices(all_nodes: Sequence[NodeDevice]) -> list[NodeDevice]:
@@ -275,7 +285,7 @@ class NodeOptions:
     def ray_args(self) -> list[str]:
         args = ["--disable-usage-stats"]
         if self.name:
-            args += ["--resources", json.dumps({resource(self.name): 1})]
+            args += ["--resources", json.dumps({resource(self.name): 1, **provider_resources()})]
         if self.cores is not None:
             args += ["--num-cpus", str(self.cores)]
         if self.memory is not None:

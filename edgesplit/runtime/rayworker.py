@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from edgesplit.runtime.common import session_options
+from edgesplit.runtime.common import CPU, device_providers, session_options
 from edgesplit.runtime.failures import StandIn
 
 
@@ -28,7 +28,7 @@ class DeviceWorker:
     a running stage (own concurrency group), so a busy device is told apart from a silent one."""
 
     def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
-                 threads: int, cpus: tuple[int, ...] = ()) -> None:
+                 threads: int, cpus: tuple[int, ...] = (), providers: tuple[str, ...] = ()) -> None:
         import psutil
 
         if cpus:
@@ -40,7 +40,8 @@ class DeviceWorker:
         self.uss_runtime = self.process.memory_full_info().uss  # onnxruntime's fixed cost, before any stage
         self.inputs = {name: ins for name, ins, _, _ in stages}
         self.outputs = {name: list(outs) for name, _, outs, _ in stages}
-        self.sessions = {name: _lean_session(model, threads) for name, _, _, model in stages}
+        chosen = device_providers(device, providers)
+        self.sessions = {name: _lean_session(model, threads, chosen) for name, _, _, model in stages}
         del stages
         self.uss_loaded = self.process.memory_full_info().uss
         self.trimmed = False
@@ -122,13 +123,15 @@ def _start_onnxruntime(threads: int) -> None:
     _trim()
 
 
-def _lean_session(model: bytes, threads: int) -> Any:
+def _lean_session(model: bytes, threads: int, providers: tuple[str, ...] | list[str] = (CPU,)) -> Any:
     """An onnxruntime session holding about its parameters once: optimise once into a file (fusions made at load
     time keep the unfused weights alive as well), then load that file with optimisations off. Its arena keeps the
     peak activations between requests (freed without an arena, glibc keeps more than that). The optimised
     graph is the one the local executor runs, so outputs stay bitwise identical."""
     import onnxruntime as ort
 
+    if list(providers) != [CPU]:  # an optimised file may hold provider-specific nodes: let each provider optimise
+        return ort.InferenceSession(model, session_options(threads), providers=list(providers))
     with tempfile.TemporaryDirectory(prefix="edgesplit-stage-") as tmp:
         source, optimised = Path(tmp) / "stage.onnx", Path(tmp) / "stage.opt.onnx"
         source.write_bytes(model)
