@@ -20,7 +20,7 @@ import edgesplit
 from edgesplit.cli import main
 from edgesplit.cluster import Cluster
 from edgesplit.errors import ClusterError, MappingError, ModelError, PlacementError
-from edgesplit.pipeline import partition
+from edgesplit.planner import partition
 from edgesplit.place.autodice import cluster_from_mapping
 from edgesplit.plan import Plan
 from edgesplit.runtime import random_inputs
