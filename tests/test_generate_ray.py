@@ -51,7 +51,7 @@ def test_ray_backend_needs_a_plan(word_tokenizer):
     export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
     with pytest.raises(InputError, match="the ray backend runs a Plan"):
         generate(export.path, load_tokenizer(word_tokenizer), "w1", 2, backend="ray")
-    with pytest.raises(InputError, match="expected backend 'local' or 'ray', got 'gpu'"):
+    with pytest.raises(InputError, match=r"backend: expected one of \['local', 'ray'\], got 'gpu'"):
         generate(export.path, load_tokenizer(word_tokenizer), "w1", 2, backend="gpu")
 
 
