@@ -2,41 +2,68 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
 import sys
-from pathlib import Path
 
-import click
-import numpy as np
-from rich.console import Console
-from rich.markup import escape
+try:  # a Ctrl-C while these load (seconds on a small board) ends with one line, not a traceback
+    import json
+    import logging
+    import shutil
+    import warnings
+    from pathlib import Path
 
-from edgesplit.errors import EdgesplitError
-from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy
-from edgesplit.runtime.streamio import read_npz
+    import click
+    from rich.console import Console
+    from rich.text import Text
+
+    from edgesplit.errors import EdgesplitError, EdgesplitWarning
+    from edgesplit.files import save_npz
+    from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy
+    from edgesplit.runtime.streamio import check_answers_path, read_npz
+except KeyboardInterrupt:
+    sys.stderr.write("edgesplit: interrupted (Ctrl-C) while starting; nothing was done\n")
+    raise SystemExit(130) from None
 
 _WIDTH = shutil.get_terminal_size((140, 40)).columns  # wide tables when output is not a terminal
 console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH)
 
 
+def say(target: Console, label: str, style: str, message: str) -> None:
+    """Print `label` styled and `message` exactly as written (never read as rich markup)."""
+    target.print(Text.assemble((label, style), " ", message), highlight=False, soft_wrap=True)
+
+
+def _warning_printer(original):
+    """edgesplit's warnings as one line each, exactly as written; other libraries' as before."""
+    def show(message, category, *where) -> None:
+        if issubclass(category, EdgesplitWarning):
+            say(err_console, "warning:", "bold yellow", str(message))
+        else:
+            original(message, category, *where)
+    return show
+
+
 class _Group(click.Group):
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except EdgesplitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
-            sys.exit(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", EdgesplitWarning)
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            try:
+                return super().invoke(ctx)
+            except EdgesplitError as exc:
+                say(err_console, "error:", "bold red", str(exc))
+                sys.exit(2)
+            except KeyboardInterrupt:
+                say(err_console, "interrupted:", "bold red", "stopped by Ctrl-C")
+                sys.exit(130)
 
 
 class _Notes(logging.Handler):
     """edgesplit's notes (INFO) and warnings, one line each on stderr."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        label = "[yellow]warning:[/]" if record.levelno >= logging.WARNING else "[cyan]note:[/]"
-        err_console.print(f"{label} {escape(record.getMessage())}", highlight=False, soft_wrap=True)
+        warning = record.levelno >= logging.WARNING
+        say(err_console, "warning:" if warning else "note:", "yellow" if warning else "cyan", record.getMessage())
 
 
 @click.group(cls=_Group)
@@ -133,16 +160,20 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
+@click.option("--force", is_flag=True, help="Replace the plan already in --output (other files there are kept).")
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, horizontal: Path | None,
-              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str) -> None:
+              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str, force: bool) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
     from edgesplit.planner import partition as do_partition
     from edgesplit.place import load_mapping
+    from edgesplit.plandir import check_target
+    from edgesplit.runtime.stages import check_loadable
 
     if horizontal and not mapping:
         raise EdgesplitError("--horizontal FILE is one half of AutoDiCE's hybrid pair: expected --mapping FILE too")
+    check_target(output, force)
     the_cluster = _cluster(devices, cluster) if devices or cluster or not mapping else None
     the_mapping = load_mapping(mapping) if mapping else None
     graph = load(model, dims=_dims(dims))
@@ -152,11 +183,13 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
         the_mapping = merge_hybrid(the_mapping, load_mapping(horizontal), graph)
     the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
-    plan.save(output)
+    check_loadable(plan)
+    plan.save(output, force=force)
     console.print(report.plan_table(plan))
     if plan.regions:
         console.print(report.region_table(plan))
-    console.print(f"wrote {output}/plan.json and {len(plan.stages)} stage files")
+    console.print(f"wrote {output}/plan.json and {len(plan.stages)} stage files", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @main.command()
@@ -183,25 +216,25 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
 
     if (input_path is None) == (stream_path is None):
         raise EdgesplitError("expected exactly one of --input FILE.npz or --stream FILE.npz|DIR")
+    check_answers_path(output)
     plan = Plan.load(plan_dir)
     if stream_path is not None or backend == Backend.RAY:
         from edgesplit.runtime import streamio
 
         requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
+        streamio.check_requests(plan, requests)
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
                                               deadline, dataplane, chunk)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
         for message, count in streamio.describe_failures(answers).items():
-            err_console.print(f"[red]{count} request(s) failed:[/] {message}", highlight=False)
-        console.print(f"wrote {output}; {report.summary()}", highlight=False)
+            say(err_console, f"{count} request(s) failed:", "red", message)
+        console.print(f"wrote {output}; {report.summary()}", markup=False, highlight=False, soft_wrap=True)
         if report.failed:
             sys.exit(1)
         return
     result = LocalExecutor(plan, threads=threads).run(read_npz(input_path))
-    tmp = output.with_name(output.name + ".tmp.npz")
-    np.savez(tmp, **result.outputs)
-    tmp.replace(output)
-    console.print(f"wrote {', '.join(result.outputs)} to {output}")
+    save_npz(output, result.outputs, "-o")
+    console.print(f"wrote {', '.join(result.outputs)} to {output}", markup=False, highlight=False, soft_wrap=True)
 
 
 @main.command()
@@ -259,7 +292,7 @@ def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path |
     for token in gen:
         console.print(token.text, end="", markup=False, highlight=False)
     console.print()
-    console.print(f"[bold]{gen.stats.summary()}[/]", highlight=False)
+    console.print(Text(gen.stats.summary(), style="bold"), highlight=False)
 
 
 def _recorded_model(plan_dir: Path, plan) -> Path:
@@ -321,10 +354,12 @@ def device_head(name, port, dashboard, **kw) -> None:
     from edgesplit.runtime import raynodes
 
     address, token = raynodes.start_head(_options(name, **kw), port=port, dashboard=dashboard)
-    console.print(f"head started at [bold]{address}[/]")
+    console.print(Text.assemble("head started at ", (address, "bold")))
     if token:
-        console.print(f"auth token: {token} (copy it to each device's ~/.ray/auth_token, mode 600)")
-    console.print(f"on each device: edgesplit device join {address} --name NAME --cores N --memory SIZE")
+        console.print(f"auth token: {token} ({raynodes.describe_mode(Path(token))}; copy it to each device's "
+                      "~/.ray/auth_token, mode 600)", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"on each device: edgesplit device join {address} --name NAME --cores N --memory SIZE",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 @device.command("join")
@@ -338,8 +373,9 @@ def device_join(head_address, name, timeout, **kw) -> None:
 
     node = raynodes.join(head_address, _options(name, **kw), timeout=timeout)
     if node is not None:
-        console.print(f"device [bold]{node.name}[/] joined {head_address} as node {node.address} "
-                      f"({node.cores:g} cores, {node.memory / 2**30:.2f} GiB)")
+        console.print(f"device {node.name} joined {head_address} as node {node.address} "
+                      f"({node.cores:g} cores, {node.memory / 2**30:.2f} GiB)", markup=False, highlight=False,
+                      soft_wrap=True)
 
 
 @device.command("list")
@@ -372,7 +408,7 @@ def device_list(address, timeout, show_all, token_file, no_auth, as_json) -> Non
                       r.node_id[:12], r.address)
     console.print(table)
     if twice:
-        err_console.print(f"[bold red]warning:[/] device name(s) {twice} are registered by more than one alive node")
+        say(err_console, "warning:", "bold red", f"device name(s) {twice} are registered by more than one alive node")
 
 
 if __name__ == "__main__":

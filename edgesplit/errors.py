@@ -29,6 +29,18 @@ class InputError(EdgesplitError):
     """Run inputs do not match the model's declared inputs."""
 
 
+class OutputError(EdgesplitError):
+    """An output path cannot be written without losing a file: a directory, a missing folder, a plan's own file."""
+
+
+class EdgesplitWarning(UserWarning):
+    """Something in the user's input is suspect but usable; the CLI prints it as one line."""
+
+
+class InputWarning(EdgesplitWarning):
+    """Run inputs that will compute, but probably not what was meant (NaN or Inf values, ignored files)."""
+
+
 class DeviceFailedError(EdgesplitError):
     """A request needs a stage on a device in the failure set and no fallback exists."""
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
+from edgesplit import plandir
 from edgesplit.cluster import Cluster
 from edgesplit.errors import PlanError
 from edgesplit.graph import Graph, TensorInfo, node_references, sha256_file
@@ -146,6 +145,12 @@ class Plan:
         if ins != set(stage.inputs) or outs != set(stage.outputs):
             problems.append(f"stage {stage.name!r}: its file reads {sorted(ins)} and writes {sorted(outs)}, but "
                             f"plan.json says it reads {sorted(stage.inputs)} and writes {sorted(stage.outputs)}")
+        model_io = {t.name: t for t in (*self.inputs, *self.outputs)}
+        for v in (*g.input, *g.output):
+            if v.name in model_io and not _same_type(v, model_io[v.name]):
+                t = model_io[v.name]
+                problems.append(f"stage {stage.name!r}: its file declares {v.name!r} unlike plan.json "
+                                f"({t.dtype} {list(t.shape)}); expected the same dtype and shape")
         return problems
 
     def _region_problems(self, producer: Mapping[str, str]) -> list[str]:
@@ -170,28 +175,12 @@ class Plan:
         """Stages in an order where every stage comes after the stages it reads from."""
         return tuple(self.stages)  # cut() emits them topologically; validate() checks acyclicity
 
-    def save(self, directory: str | Path) -> Path:
-        """Write plan.json and one ONNX file per stage; atomic: nothing half-written on failure."""
-        directory = Path(directory)
-        if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir()) or (directory / "plan.json").exists())):
-            raise PlanError(f"expected {directory} to be a new directory, an empty one or an existing plan; it is something else")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            for s in self.stages:
-                (tmp / s.file).write_bytes(self.stage_models[s.name])
-            (tmp / "plan.json").write_text(json.dumps(self.to_dict(), indent=1))
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+    def save(self, directory: str | Path, force: bool = False) -> Path:
+        """Write plan.json and one ONNX file per stage, nothing half-written on failure. Files in the directory that
+        are not the plan's are kept; an existing plan is replaced only with `force`."""
+        files = {s.file: self.stage_models[s.name] for s in self.stages}
+        files[plandir.PLAN_FILE] = json.dumps(self.to_dict(), indent=1).encode()
+        return plandir.write(Path(directory), files, force)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -232,6 +221,8 @@ class Plan:
             raise PlanError(f"expected a plan directory containing plan.json, got {str(directory)!r}")
         try:
             d = json.loads(path.read_text())
+            if wrong := plandir.field_problems(d):
+                raise PlanError(f"{path} is not a valid plan:\n  " + "\n  ".join(wrong))
             regions = _regions(d, path)
             stages = tuple(
                 Stage(s["name"], s["device"], tuple(s["layers"]), tuple(s["inputs"]), tuple(s["outputs"]),
@@ -252,7 +243,7 @@ class Plan:
                 regions=regions,
                 model_path=d["model"].get("path", ""),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PlanError(f"{path} is not a valid plan: missing or malformed field ({type(exc).__name__}: {exc})") from None
         problems = plan.validate()
         if problems:
@@ -293,6 +284,19 @@ def _stage_bytes(directory: Path, stage: Stage) -> bytes:
             raise PlanError(f"{where}: missing, or its sha256 does not match plan.json (stale or tampered)")
     external_data_helper.load_external_data_for_model(model, str(root))
     return model.SerializeToString()
+
+
+def _same_type(v: onnx.ValueInfoProto, t: TensorInfo) -> bool:
+    """A stage file's declaration of a model input or output agrees with plan.json (open dims match anything)."""
+    tt = v.type.tensor_type
+    if not tt.HasField("elem_type") or tt.elem_type == 0:
+        return True
+    if helper.tensor_dtype_to_np_dtype(tt.elem_type).name != t.dtype:
+        return False
+    if not tt.HasField("shape"):
+        return True
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+    return len(dims) == len(t.shape) and all(a is None or b in (None, "?") or a == b for a, b in zip(dims, t.shape))
 
 
 def _regions(d: Mapping[str, Any], path: Path) -> tuple[Region, ...]:

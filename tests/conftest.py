@@ -29,8 +29,8 @@ def every_written_plan_follows_the_schema():
 
     save = Plan.save
 
-    def checked(self, directory):
-        written = save(self, directory)
+    def checked(self, directory, *args, **kwargs):
+        written = save(self, directory, *args, **kwargs)
         problems = schema_problems(Path(written) / "plan.json")
         assert not problems, "the written plan breaks docs/plan.schema.json:\n" + "\n".join(problems[:20])
         return written
@@ -88,3 +88,31 @@ def assert_plan_matches(plan, graph, batch: int = 2, rtol: float = 1e-5) -> None
         assert got[name].shape == want.shape
         err = np.max(np.abs(got[name] - want)) / max(np.max(np.abs(want)), 1e-30)
         assert err <= rtol, f"{name}: relative error {err:.2e}"
+
+
+def write_tiny_cnn(path: Path, unsupported: bool = False) -> Path:
+    """A small CNN on [batch, 3, 8, 8] inputs, built with onnx.helper in milliseconds (for fast CLI tests);
+    `unsupported`: its activation is a Softplus on float64, valid ONNX that onnxruntime does not implement."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    elem = TensorProto.FLOAT
+    weights = {"w1": rng.standard_normal((4, 3, 3, 3)), "w2": rng.standard_normal((4, 4, 3, 3)),
+               "fc_w": rng.standard_normal((4, 2)), "fc_b": np.zeros(2)}
+    act = [helper.make_node("Relu", ["c1"], ["a1"], name="act1")]
+    if unsupported:
+        act = [helper.make_node("Cast", ["c1"], ["c1d"], name="to_double", to=TensorProto.DOUBLE),
+               helper.make_node("Softplus", ["c1d"], ["a1d"], name="softplus"),
+               helper.make_node("Cast", ["a1d"], ["a1"], name="to_float", to=TensorProto.FLOAT)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), *act,
+             helper.make_node("Conv", ["a1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc")]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", elem, ["batch", 2])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path

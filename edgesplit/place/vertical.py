@@ -24,10 +24,10 @@ def load_mapping(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise MappingError(f"expected a mapping file (.json or .yaml), but {str(path)!r} does not exist")
-    text = path.read_text()
     try:
+        text = path.read_text()
         return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
         raise MappingError(f"{path}: cannot parse it as {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
 
 

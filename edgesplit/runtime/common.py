@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
-from edgesplit.errors import InputError
+from edgesplit.errors import InputError, InputWarning
 from edgesplit.graph import TensorInfo
 
 CPU = "CPUExecutionProvider"
@@ -60,7 +61,17 @@ def check_inputs(declared: Sequence[TensorInfo], given: Mapping[str, object]) ->
         arrays[t.name] = a
     if problems:
         raise InputError("invalid inputs:\n  " + "\n  ".join(problems))
+    _warn_not_finite(arrays)
     return arrays
+
+
+def _warn_not_finite(arrays: Mapping[str, np.ndarray]) -> None:
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            what = " and ".join(w for w, found in (("NaN", np.isnan(a).any()), ("infinite", np.isinf(a).any())) if found)
+            # no counts in the text: a stream of such requests then warns once, not once per request
+            warnings.warn(InputWarning(f"input {name!r} holds {what} values; the outputs will probably be NaN or "
+                                       "meaningless"), stacklevel=3)
 
 
 def _fmt(shape: Sequence[object]) -> str:

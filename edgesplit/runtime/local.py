@@ -11,10 +11,12 @@ import onnx
 import onnxruntime as ort
 
 from edgesplit.compare import Difference, compare
+from edgesplit.errors import PlanError
 from edgesplit.graph import Graph
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import RunResult, check_inputs, device_providers, session_options
 from edgesplit.runtime.failures import Router
+from edgesplit.runtime.stages import load_session
 
 
 class LocalExecutor:
@@ -29,11 +31,8 @@ class LocalExecutor:
         opts = session_options(threads)
         live = dict.fromkeys(s.device for s in self.router.specs if s.device not in self.failed)
         providers = {d: device_providers(d, plan.cluster.device(d).providers) for d in live}
-        self.sessions = {
-            s.name: ort.InferenceSession(s.model, opts, providers=providers[s.device])
-            for s in self.router.specs
-            if s.device not in self.failed
-        }
+        self.sessions = {s.name: load_session(s, opts, providers[s.device]) for s in self.router.specs
+                         if s.device not in self.failed}
 
     def run(self, inputs: Mapping[str, object], failed: Iterable[str] | None = None) -> RunResult:
         down = self.failed if failed is None else frozenset(failed) | self.failed
@@ -47,7 +46,11 @@ class LocalExecutor:
                 if t in route.stand_ins and t not in values:
                     values[t] = route.stand_ins[t].array(values, dims)
             feeds = {t: values[t] for t in stage.inputs}
-            results = self.sessions[stage.name].run(list(stage.outputs), feeds)
+            try:
+                results = self.sessions[stage.name].run(list(stage.outputs), feeds)
+            except Exception as exc:  # onnxruntime's own classes: inputs passed check_inputs, so the plan is at fault
+                raise PlanError(f"stage {stage.name!r} on device {stage.device!r} failed in onnxruntime: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
             seconds[stage.name] = time.perf_counter() - t0
             values.update(zip(stage.outputs, results))
         return RunResult({t.name: values[t.name] for t in self.plan.outputs}, route.missing_devices, seconds)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from edgesplit.cluster import Cluster
 from edgesplit.errors import ClusterError
 from edgesplit.runtime.raynodes import RESOURCE_PREFIX as RESOURCE
-from edgesplit.runtime.raynodes import probe, require_token_auth, resource
+from edgesplit.runtime.raynodes import private_local_token, probe, require_token_auth, resource
 
 __all__ = ["Host", "check_devices", "connect", "hosts", "local_cpus", "probe_head", "resource"]
 
@@ -103,8 +103,9 @@ def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None
             ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
             cores = sum(cluster.device(d).cores for d in devices)
-            ray.init(num_cpus=max(cores, 1), resources={resource(d): 1 for d in devices}, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            with private_local_token():
+                ray.init(num_cpus=max(cores, 1), resources={resource(d): 1 for d in devices}, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
             started = True
     check_devices(hosts(ray.nodes()), devices)
     return started

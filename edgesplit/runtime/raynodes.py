@@ -14,11 +14,13 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ RESOURCE_PREFIX = "edgesplit_device:"
 PROVIDER_PREFIX = "edgesplit_provider:"  # the onnxruntime execution providers a device's node has
 TOKEN_AUTH_SINCE = "2.52.0"
 DEFAULT_PORT = 6379
+TOKEN_MODE = 0o600  # a token file is readable and writable by its owner only
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
@@ -134,10 +137,54 @@ def ensure_token(token_file: Path | None = None) -> str:
         return str(token_file)
     path = token_file or default_token_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, TOKEN_MODE)
+    os.fchmod(fd, TOKEN_MODE)  # an empty file that was already there keeps its own mode otherwise
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return str(path)
+
+
+def describe_mode(where: Path) -> str:
+    """How readable a token file is, for the line that prints its path."""
+    if not where.is_file():
+        return "read from the environment, no file"
+    mode = stat.S_IMODE(where.stat().st_mode)
+    if mode == TOKEN_MODE:
+        return "mode 600: only you can read it"
+    return f"mode {mode:o}: other users can read it; run `chmod 600 {where}`"
+
+
+@contextmanager
+def private_local_token() -> Iterator[None]:
+    """Around starting a local Ray instance: Ray >= 2.52 turns token authentication on and writes a new token to
+    ~/.ray/auth_token with the default mode (644: every user can read it). Write it first at mode 600, and leave any
+    token file that appears meanwhile at mode 600 too."""
+    path = default_token_path()
+    existed = path.exists()
+    if not existed and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token" and _has_token_auth() \
+            and token_source() is None:
+        ensure_token()
+        _reset_token_cache()
+    try:
+        yield
+    finally:
+        if not existed and path.is_file():
+            os.chmod(path, TOKEN_MODE)
+
+
+def _has_token_auth() -> bool:
+    try:
+        require_token_auth()
+    except ClusterError:
+        return False
+    return True
+
+
+def _reset_token_cache() -> None:
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def auth_env(auth: bool = True, token_file: Path | None = None, base: Mapping[str, str] = os.environ) -> dict[str, str]:

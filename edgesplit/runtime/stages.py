@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
+from edgesplit.errors import PlanError
 from edgesplit.plan import Plan
+from edgesplit.runtime.common import session_options
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,29 @@ def bind_dims(declared_inputs: Mapping[str, Declared], arrays: Mapping[str, obje
             if isinstance(want, str):
                 dims.setdefault(want, int(got))
     return dims
+
+
+def load_session(spec: StageSpec, options: ort.SessionOptions,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    """An onnxruntime session for one stage, or a PlanError naming the stage and what onnxruntime lacks."""
+    try:
+        return ort.InferenceSession(spec.model, options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own pybind11 classes (NotImplemented, Fail, InvalidGraph)
+        raise PlanError(f"stage {spec.name!r} (device {spec.device!r}) cannot be loaded by onnxruntime "
+                        f"{ort.__version__}: {_first_line(exc)}") from None
+
+
+def check_loadable(plan: Plan) -> None:
+    """Every stage loads in onnxruntime (an op it does not implement is refused now, not when the plan runs)."""
+    problems = []
+    for spec in stage_specs(plan):
+        try:
+            load_session(spec, session_options(1))
+        except PlanError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PlanError("the plan cannot run:\n  " + "\n  ".join(problems))
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

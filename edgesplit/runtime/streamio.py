@@ -7,6 +7,9 @@ requests plus `__status__` (0 full, 1 degraded, 2 failed; a failed request's out
 
 from __future__ import annotations
 
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -14,10 +17,12 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from edgesplit.errors import EdgesplitError, InputError
+from edgesplit.errors import EdgesplitError, InputError, InputWarning, OutputError
+from edgesplit.files import check_new_file, save_npz
 from edgesplit.layout import Backend
 from edgesplit.plan import Plan
-from edgesplit.runtime.common import RunResult
+from edgesplit.plandir import owned_files
+from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import RunReport, Tally
 
 STATUS = {"full": 0, "degraded": 1, "failed": 2}
@@ -25,9 +30,13 @@ STATUS = {"full": 0, "degraded": 1, "failed": 2}
 
 def read_requests(path: Path) -> list[dict[str, np.ndarray]]:
     if path.is_dir():
-        files = sorted(path.glob("*.npz"))
+        entries = sorted(path.iterdir())
+        files = [f for f in entries if f.suffix == ".npz" and f.is_file()]
         if not files:
             raise InputError(f"expected a directory of .npz files (one request each), {str(path)!r} has none")
+        if ignored := [f.name for f in entries if f not in files]:
+            warnings.warn(InputWarning(f"{path}: ignoring {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} "
+                                       f"that are not .npz files: {ignored}"), stacklevel=2)
         return [read_npz(f) for f in files]
     data = read_npz(path)
     counts = {k: v.shape[0] if v.ndim else None for k, v in data.items()}
@@ -38,14 +47,40 @@ def read_requests(path: Path) -> list[dict[str, np.ndarray]]:
     return [{k: v[i] for k, v in data.items()} for i in range(n)]
 
 
+def check_requests(plan: Plan, requests: list[dict[str, np.ndarray]]) -> None:
+    """Refuse a stream none of whose requests match the model's inputs (an answers file of failures helps no one);
+    a stream with some good requests runs, the bad ones failing one by one."""
+    problems = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InputWarning)  # the executor warns when it runs them
+        for i, request in enumerate(requests):
+            try:
+                check_inputs(plan.inputs, request)
+            except InputError as exc:
+                problems.append(f"request {i}: " + "; ".join(str(exc).split("\n  ")[1:]))
+    if problems and len(problems) == len(requests):
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise InputError(f"no request of the stream matches the model's inputs:\n  " + "\n  ".join(problems[:5]) + more)
+
+
+def check_answers_path(path: Path) -> None:
+    """`run -o` may write `path`: a file in an existing folder, and not a file of a plan."""
+    check_new_file(path, "-o")
+    if path.name in owned_files(path.parent):
+        raise OutputError(f"refusing to write {str(path)!r}: it is a file of the plan in {str(path.parent)!r}; "
+                          "expected -o to name a new .npz file (or answers written before)")
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """One .npz file of arrays keyed by the model's input (or output) names."""
     if not path.is_file():
         raise InputError(f"expected an .npz file keyed by the model's input names, {str(path)!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError(f"it holds one bare array, expected arrays keyed by name (np.savez)")
             return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"{path} is not a readable .npz file: {exc}") from None
 
 
@@ -108,9 +143,8 @@ def write_answers(path: Path, plan: Plan, answers: list[RunResult | EdgesplitErr
             arrays[name] = np.stack([a.outputs[name] if isinstance(a, RunResult) else blank for a in answers])
     if stacked:
         arrays["__status__"] = np.array([_status(a) for a in answers], dtype=np.int8)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    check_answers_path(path)
+    save_npz(path, arrays, "-o")
 
 
 def _status(answer: RunResult | EdgesplitError) -> int:
