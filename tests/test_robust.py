@@ -201,3 +201,23 @@ def test_bad_input_exits_2_and_writes_nothing(mnist_files, tmp_path, change, mes
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not out.exists()
+
+
+def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
+    from test_transformer_split_models import export
+
+    model = export("bert", tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 128, (24, 7)).astype(np.int64)
+    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = _cli(model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "data.npz",
+                  "--policy", "none,full,k-of-n", "--r", "0.5", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["metric"] == "cosine"  # no labels, one vector per token: an embedding
+    none, full, k_of_n = doc["rows"]
+    for row in doc["rows"]:
+        assert row["fault_free"] == pytest.approx(1.0, abs=1e-6)  # the split against the unsplit model
+    assert all(s["value"] == pytest.approx(1.0, abs=1e-6) for s in full["failures"]["1"]["sets"])
+    assert all(s["value"] < 1 - 1e-5 for s in none["failures"]["1"]["sets"])
+    assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
