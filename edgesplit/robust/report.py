@@ -47,7 +47,7 @@ def plot(rows: Sequence[Row], study: Study, path: Path) -> None:
     size = 1 if 1 in study.sets else min(study.sets)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for policy in dict.fromkeys(r.policy for r in rows):
-        points = sorted((r.memory_vs_plain, r.mean(size)) for r in rows if r.policy is policy)
+        points = [(r.memory_vs_plain, r.mean(size)) for r in sorted(rows, key=lambda r: r.r) if r.policy is policy]
         style = {Policy.NONE: dict(marker="s", ms=9), Policy.FULL: dict(marker="*", ms=13)}.get(policy, {"marker": "o"})
         ax.plot(*zip(*points), label=_label(policy), linestyle="-" if len(points) > 1 else "none", **style)
     ax.set_xlabel("max per-device parameter memory / plain split's")
