@@ -314,6 +314,64 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
     run_demo(devices=devices, console=console, cluster=cluster, model=model)
 
 
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--devices", type=click.IntRange(min=1), help="Number of identical simulated devices.")
+@click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML describing the devices.")
+@click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
+              help=".npz keyed by the model's input names (leading sample axis), plus optional 'labels'.")
+@click.option("--calibration", type=click.Path(path_type=Path), help=".npz for activation importance "
+              "(default: a separate first slice of --data).")
+@click.option("--policy", "policies", default="none,full,random,vital,k-of-n", show_default=True,
+              help="Comma-separated replication policies.")
+@click.option("--r", "rs", default="0,0.1,0.25,0.5", show_default=True, help="Comma-separated vital fractions.")
+@click.option("--importance", "importance_", type=click.Choice(["weight", "activation"]), default="weight",
+              show_default=True)
+@click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
+@click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine"]), default=None,
+              help="Override the metric (default: accuracy with labels, else chosen from the output shape).")
+@click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: metric vs memory.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r as a plan dir.")
+def robustness(model: Path, devices: int | None, cluster: Path | None, data_path: Path, calibration: Path | None,
+               policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None, f: int,
+               json_path: Path | None, plot_path: Path | None, output: Path | None) -> None:
+    """Accuracy (or fidelity) of replication policies under every failure set, against their memory."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgesplit.layout import Strategy as _Strategy
+    from edgesplit.robust import data, report, study
+    from edgesplit.robust.importance import Importance
+    from edgesplit.robust.policies import Policy
+
+    request = study.Request(
+        model, _cluster(devices, cluster), data_path, calibration,
+        tuple(_parsed(Policy, p, "--policy") for p in data.parse_list(policies, str, "--policy")),
+        tuple(data.parse_list(rs, float, "--r")), Importance(importance_),
+        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f)
+    t0 = time.perf_counter()
+    prepared = study.prepare_request(request)
+    columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("evaluating", total=prepared.steps)
+        rows, first = study.evaluate_all(prepared, f, lambda: progress.advance(task))
+    console.print(report.table(rows, prepared.study))
+    console.print(f"evaluated {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
+    for path in study.write(rows, prepared, request, first, json_path, plot_path, output):
+        console.print(f"wrote {path}")
+
+
+def _parsed(kind, value: str, what: str):
+    try:
+        return kind.parse(value, what)
+    except ValueError as exc:
+        raise EdgesplitError(str(exc)) from None
+
+
 @main.group(cls=_Group)
 def device() -> None:
     """Bring edge devices into a Ray cluster under their edgesplit names, and list them."""

@@ -103,10 +103,12 @@ def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str
 
 
 def _closure(ed: Editor, part: Part) -> list[str]:
-    """The part's nodes, and the nodes of other parts on its device that they read from (side inputs computed
-    once per device, e.g. an attention mask): the replica must not depend on the device it stands in for."""
+    """The part's nodes, the nodes of other parts on its device that they read from (side inputs computed
+    once per device, e.g. an attention mask), and the scatter Slices cutting its inputs (a spatial tile's scatter
+    runs on the part's own device): the replica must not depend on the device it stands in for."""
     on_device = {o: n for r in ed.regions for p in r.parts if p.device == part.device and p is not part
                  for n in p.nodes for o in ed.node(n).output}
+    on_device.update({o: n for r in ed.regions for n in r.scatter for o in ed.node(n).output})
     chosen = list(part.nodes)
     todo = list(part.nodes)
     while todo:

@@ -45,6 +45,7 @@ class StandIn:
     dtype: str
     shape: tuple[int | str | None, ...]
     filled: tuple[int, ...]  # positions no piece holds
+    siblings: tuple[str, ...] = ()  # the region's other part outputs: they give dimensions the inputs do not bind
 
     @property
     def degraded(self) -> bool:
@@ -53,7 +54,7 @@ class StandIn:
     def array(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
         got = [pieces[p.tensor] for p in self.pieces]
         if not got:
-            return np.zeros(self._shape(dims or {}), dtype=self.dtype)
+            return np.zeros(self._shape(dims or {}, pieces), dtype=self.dtype)
         if self.combine is Combine.SUM:
             return np.sum(got, axis=0, dtype=self.dtype) if len(got) > 1 else got[0]
         if self.combine is Combine.MAX:
@@ -69,8 +70,12 @@ class StandIn:
             out[tuple(index)] = value
         return out
 
-    def _shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+    def _shape(self, dims: Mapping[str, int], values: Mapping[str, np.ndarray]) -> tuple[int, ...]:
         shape = [d if isinstance(d, int) else dims.get(d) if d else None for d in self.shape]
+        like = next((values[t] for t in self.siblings if t in values and values[t].ndim == len(shape)), None)
+        if like is not None:  # a live part of the region has the same shape (but the split axis, for a Concat)
+            split = self.axis % len(shape) if self.combine is Combine.CONCAT else None
+            shape = [like.shape[i] if d is None and i != split else d for i, d in enumerate(shape)]
         if any(d is None for d in shape):
             raise PlanError(f"cannot fill missing part {self.tensor!r}: its shape {list(self.shape)} has a dimension "
                             f"not bound by the model inputs ({dict(dims)})")
@@ -153,7 +158,8 @@ def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]
         raise PlanError(f"cannot fill missing part {lost.part.output!r}: no stage declares its type")
     filled = tuple(i for u, i in position.items() if u not in have)
     return StandIn(lost.part.output, lost.region.combine, lost.region.axis, len(lost.part.units), tuple(pieces),
-                   d.dtype if d else "float32", d.shape if d else (), filled)
+                   d.dtype if d else "float32", d.shape if d else (), filled,
+                   tuple(p.output for p in lost.region.parts if p is not lost.part))
 
 
 def _fill_one(pending: list[StageSpec], part_of: Mapping[str, _Lost], available: set[str],

@@ -1,0 +1,202 @@
+"""A replication policy measured: the metric of a plan under every failure set of the asked sizes.
+
+Each plan runs in one `LocalExecutor(plan, allow_degraded=True)` (it caches one route per failure set), on batches
+of the evaluated samples. Devices that hold nodes outside every region's parts (combines, unsplit layers) cannot
+fail without the request failing; they are left out of the failure sets and named (`fatal`). The metric is top-1
+accuracy with labels, else top-1 agreement with the unsplit model (a classifier: one score vector per sample), else
+the cosine similarity of the outputs to the unsplit model's (embeddings), averaged over samples and positions.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import DeviceFailedError, InputError
+from edgesplit.graph import Graph
+from edgesplit.layout import Choice
+from edgesplit.plan import Plan
+from edgesplit.planner import plan as plan_of
+from edgesplit.planner import with_replicas
+from edgesplit.robust.importance import Importance, importance
+from edgesplit.robust.policies import Policy, replicas
+from edgesplit.runtime.local import LocalExecutor, run_whole_model
+
+BATCH = 256
+FailureSet = tuple[str, ...]
+
+
+class Metric(Choice):
+    ACCURACY = "accuracy"
+    AGREEMENT = "agreement"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Arrays keyed by the model's input names, sharing a leading sample axis; optional integer labels."""
+
+    inputs: Mapping[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, rows: slice) -> Samples:
+        labels = None if self.labels is None else self.labels[rows]
+        return Samples({k: v[rows] for k, v in self.inputs.items()}, labels)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One policy at one r: its cost against the plain split and its metric fault-free and per failure set."""
+
+    policy: Policy
+    r: float
+    memory_vs_plain: float
+    macs_vs_plain: float
+    fault_free: float
+    failures: Mapping[int, Mapping[FailureSet, float | None]] = field(default_factory=dict)  # None: request failed
+
+    def mean(self, size: int) -> float:
+        return float(np.mean([v or 0.0 for v in self.failures[size].values()]))
+
+    def worst(self, size: int) -> float:
+        return float(min(v or 0.0 for v in self.failures[size].values()))
+
+    def to_dict(self) -> dict[str, object]:
+        return {"policy": self.policy.value, "r": self.r, "memory_vs_plain": self.memory_vs_plain,
+                "macs_vs_plain": self.macs_vs_plain, "fault_free": self.fault_free,
+                "failures": {str(k): {"mean": self.mean(k), "worst": self.worst(k),
+                                      "sets": [{"failed": list(s), "value": v} for s, v in sets.items()]}
+                             for k, sets in self.failures.items()}}
+
+
+def choose_metric(plan: Plan, labels: np.ndarray | None, override: Metric | str | None = None) -> Metric:
+    if override is not None:
+        metric = Metric.parse(override, "--metric")
+        if metric is Metric.ACCURACY and labels is None:
+            raise InputError("--metric accuracy needs a 'labels' array in the data; got none")
+        return metric
+    if labels is not None:
+        return Metric.ACCURACY
+    shape = plan.outputs[0].shape
+    return Metric.AGREEMENT if len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2) else Metric.COSINE
+
+
+def score(metric: Metric, output: np.ndarray, reference: np.ndarray, labels: np.ndarray | None) -> float:
+    if metric is Metric.ACCURACY:
+        return float(np.mean(np.argmax(output, axis=-1) == labels))
+    if metric is Metric.AGREEMENT:
+        return float(np.mean(np.argmax(output, axis=-1) == np.argmax(reference, axis=-1)))
+    a, b = output.astype(np.float64), reference.astype(np.float64)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return float(np.mean(np.sum(a * b, axis=-1) / np.maximum(norms, 1e-12)))
+
+
+def fatal_devices(plan: Plan) -> list[str]:
+    """Devices whose loss alone fails the request even with degraded answers allowed."""
+    router = LocalExecutor(plan, allow_degraded=True).router
+    fatal = []
+    for device in plan.devices:
+        try:
+            router.route(frozenset({device}))
+        except DeviceFailedError:
+            fatal.append(device)
+    return fatal
+
+
+def failure_sets(devices: Sequence[str], sizes: Sequence[int]) -> dict[int, list[FailureSet]]:
+    return {k: list(itertools.combinations(devices, k)) for k in sizes}
+
+
+def run_batched(executor: LocalExecutor, samples: Samples, failed: FailureSet = (), batch: int = BATCH) -> np.ndarray:
+    """The plan's first output over all samples (raises DeviceFailedError if the failure set is fatal)."""
+    name = executor.plan.outputs[0].name
+    parts = [executor.run(samples.take(slice(i, i + batch)).inputs, failed=failed).outputs[name]
+             for i in range(0, len(samples), batch)]
+    return np.concatenate(parts, axis=0)
+
+
+def max_param_bytes(plan: Plan) -> int:
+    return max(sum(s.param_bytes for s in plan.device_stages(d)) for d in plan.devices)
+
+
+def max_macs(plan: Plan) -> int:
+    """Per device, the MACs of all its stages, standby replicas counted (what it computes once a part is lost)."""
+    return max(sum(s.macs for s in plan.device_stages(d)) for d in plan.devices)
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything one `robustness` run compares, evaluated by `run`."""
+
+    graph: Graph  # the rewritten graph: regions with their parts on devices
+    placement: Mapping[str, str]
+    cluster: Cluster
+    samples: Samples
+    metric: Metric
+    reference: np.ndarray  # the unsplit model's first output on the samples
+    plain: Plan
+    fatal: tuple[str, ...]
+    sets: Mapping[int, Sequence[FailureSet]]
+
+    def plan(self, policy: Policy, r: float, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
+        requests = replicas(self.graph, policy, scores, r, f=f)
+        graph, placement = with_replicas(self.graph, self.placement, requests)
+        return plan_of(graph, self.cluster, placement)
+
+    def evaluate(self, policy: Policy, r: float, plan: Plan,
+                 on_step: Callable[[], None] = lambda: None) -> Row:
+        executor = LocalExecutor(plan, allow_degraded=True)
+        fault_free = self._score(executor, ())
+        on_step()
+        failures: dict[int, dict[FailureSet, float | None]] = {}
+        for size, sets in self.sets.items():
+            failures[size] = {}
+            for s in sets:
+                failures[size][s] = self._score(executor, s)
+                on_step()
+        return Row(policy, r, max_param_bytes(plan) / max_param_bytes(self.plain),
+                   max_macs(plan) / max_macs(self.plain), fault_free, failures)
+
+    def _score(self, executor: LocalExecutor, failed: FailureSet) -> float | None:
+        try:
+            output = run_batched(executor, self.samples, failed)
+        except DeviceFailedError:
+            return None
+        return score(self.metric, output, self.reference, self.samples.labels)
+
+    @property
+    def steps_per_row(self) -> int:
+        return 1 + sum(len(s) for s in self.sets.values())
+
+
+def prepare(rewritten: Graph, placement: Mapping[str, str], cluster: Cluster, source: Graph, samples: Samples,
+            sizes: Sequence[int], metric: Metric | str | None = None) -> Study:
+    """A study of the rewritten graph's regions on the evaluated samples, failure sets of the given sizes."""
+    plain = plan_of(rewritten, cluster, placement)
+    fatal = fatal_devices(plain)
+    holders = [d for d in plain.devices if d not in fatal and any(p.device == d for r in plain.regions
+                                                                     for p in r.parts)]
+    too_big = [k for k in sizes if k > len(holders)]
+    if too_big:
+        raise InputError(f"expected failure sizes of at most {len(holders)} (devices holding parts whose loss is not "
+                         f"fatal: {holders}; fatal: {fatal}), got {too_big}")
+    chosen = choose_metric(plain, samples.labels, metric)
+    reference = _whole(source, samples, plain.outputs[0].name)
+    return Study(rewritten, dict(placement), cluster, samples, chosen, reference, plain, tuple(fatal),
+                 failure_sets(holders, sizes))
+
+
+def _whole(source: Graph, samples: Samples, name: str) -> np.ndarray:
+    return np.concatenate([run_whole_model(source.model, samples.take(slice(i, i + BATCH)).inputs)[name]
+                           for i in range(0, len(samples), BATCH)], axis=0)
+
+
+def scores_for(study: Study, method: Importance | str, calibration: Samples | None) -> dict[str, np.ndarray]:
+    return importance(study.graph, method, None if calibration is None else dict(calibration.inputs))

@@ -1,0 +1,64 @@
+"""What `edgesplit robustness` shows and writes: a table, a JSON document, a plot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from edgesplit.robust.evaluate import Row, Study
+from edgesplit.robust.policies import Policy
+
+
+def table(rows: Sequence[Row], study: Study) -> Table:
+    sizes = list(study.sets)
+    title = f"{study.metric.value} on {len(study.samples)} samples under failures"
+    if study.fatal:
+        title += f" (not failed: {', '.join(study.fatal)}, whose loss is fatal)"
+    out = Table(title=title)
+    for col in ("policy", "r", "memory vs plain", "MACs vs plain", "fault-free"):
+        out.add_column(col, justify="left" if col == "policy" else "right")
+    for k in sizes:
+        out.add_column(f"{k} failed: mean", justify="right")
+        out.add_column(f"{k} failed: worst", justify="right")
+    for row in rows:
+        cells = [row.policy.value, f"{row.r:g}", f"{row.memory_vs_plain:.3f}", f"{row.macs_vs_plain:.3f}",
+                 f"{row.fault_free:.4f}"]
+        cells += [c for k in sizes for c in (f"{row.mean(k):.4f}", f"{row.worst(k):.4f}")]
+        out.add_row(*cells)
+    return out
+
+
+def document(rows: Sequence[Row], study: Study, model: str, importance: str) -> dict[str, Any]:
+    return {"model": model, "metric": study.metric.value, "importance": importance, "samples": len(study.samples),
+            "devices": list(study.cluster.names), "fatal_devices": list(study.fatal),
+            "failure_sizes": list(study.sets), "rows": [r.to_dict() for r in rows]}
+
+
+def plot(rows: Sequence[Row], study: Study, path: Path) -> None:
+    """The metric under single failures (mean) against memory_vs_plain, one curve per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = 1 if 1 in study.sets else min(study.sets)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for policy in dict.fromkeys(r.policy for r in rows):
+        points = [(r.memory_vs_plain, r.mean(size)) for r in sorted(rows, key=lambda r: r.r) if r.policy is policy]
+        style = {Policy.NONE: dict(marker="s", ms=9), Policy.FULL: dict(marker="*", ms=13)}.get(policy, {"marker": "o"})
+        ax.plot(*zip(*points), label=_label(policy), linestyle="-" if len(points) > 1 else "none", **style)
+    ax.set_xlabel("max per-device parameter memory / plain split's")
+    ax.set_ylabel(f"{study.metric.value}, mean over {size}-device failures")
+    ax.set_title(f"robustness vs memory ({len(study.cluster.names)} devices)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _label(policy: Policy) -> str:
+    return {Policy.NONE: "none (plain split)", Policy.FULL: "full replication"}.get(policy, policy.value)

@@ -1,0 +1,122 @@
+"""`edgesplit robustness` as a library call: check everything first, evaluate every (policy, r), then write."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgesplit.cluster import Cluster
+from edgesplit.errors import InputError
+from edgesplit.graph import load
+from edgesplit.layout import Strategy
+from edgesplit.plan import Plan
+from edgesplit.planner import layout
+from edgesplit.robust import data, report
+from edgesplit.robust.evaluate import Row, Samples, Study, prepare
+from edgesplit.robust.importance import Importance, importance
+from edgesplit.robust.policies import Policy, check_fractions
+
+log = logging.getLogger("edgesplit")
+STRATEGIES = (Strategy.HORIZONTAL.value, Strategy.HEADS.value)
+
+
+@dataclass(frozen=True)
+class Request:
+    model: Path
+    cluster: Cluster
+    data: Path
+    calibration: Path | None = None
+    policies: tuple[Policy, ...] = tuple(Policy)
+    rs: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
+    importance: Importance = Importance.WEIGHT
+    failures: tuple[int, ...] = (1,)
+    strategy: Strategy = Strategy.HORIZONTAL
+    metric: str | None = None
+    f: int = 1  # failures k-of-n tolerates
+
+
+@dataclass(frozen=True)
+class Prepared:
+    study: Study
+    configs: list[tuple[Policy, float]]
+    scores: dict[str, np.ndarray] | None
+
+    @property
+    def steps(self) -> int:
+        return len(self.configs) * self.study.steps_per_row
+
+
+def configs(policies: Sequence[Policy], rs: Sequence[float]) -> list[tuple[Policy, float]]:
+    """(policy, r) pairs in the order asked: `none` and `full` once each (r 0 and 1), the others at every r."""
+    fixed = {Policy.NONE: 0.0, Policy.FULL: 1.0}
+    out = [(p, r) for p in policies for r in ([fixed[p]] if p in fixed else rs)]
+    return list(dict.fromkeys(out))
+
+
+def prepare_request(req: Request) -> Prepared:
+    """Every check that can fail on the user's input, before any evaluation (and so before anything is written)."""
+    data.check_rs(req.rs)
+    data.check_sizes(req.failures, len(req.cluster.devices))
+    if req.strategy.value not in STRATEGIES:
+        raise InputError(f"--strategy: expected one of {list(STRATEGIES)}, got {req.strategy.value!r}")
+    source = load(req.model)
+    rewritten, placement = layout(source, req.cluster, strategy=req.strategy)
+    if not rewritten.regions:
+        raise InputError(f"policies need a plan with horizontal regions; strategy {req.strategy.value!r} found none "
+                         f"in {req.model}")
+    for r in req.rs:
+        check_fractions(r, rewritten.regions)
+    samples = data.read_samples(req.data, tuple(source.tensors[n] for n in source.inputs))
+    calibration, samples = _calibration(req, source, samples)
+    study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric)
+    log.info("metric: %s; %d evaluated samples; failure sets over %s%s", study.metric.value, len(samples),
+             [d for d in req.cluster.names if d not in study.fatal],
+             f" (left out, their loss is fatal: {list(study.fatal)})" if study.fatal else "")
+    ranked = any(p in (Policy.VITAL, Policy.RANDOM, Policy.K_OF_N) for p in req.policies)
+    scores = importance(rewritten, req.importance, calibration and dict(calibration.inputs)) if ranked else None
+    return Prepared(study, configs(req.policies, req.rs), scores)
+
+
+def _calibration(req: Request, source, samples: Samples) -> tuple[Samples | None, Samples]:
+    if req.importance is not Importance.ACTIVATION:
+        return None, samples
+    if req.calibration is not None:
+        return data.read_samples(req.calibration, tuple(source.tensors[n] for n in source.inputs), False), samples
+    calibration, evaluated = data.split_calibration(samples)
+    log.info("calibration: the first %d samples of %s (not evaluated)", len(calibration), req.data)
+    return calibration, evaluated
+
+
+def evaluate_all(prepared: Prepared, f: int = 1, on_step: Callable[[], None] = lambda: None) -> tuple[list[Row], Plan]:
+    """Every (policy, r) row, and the plan of the first one."""
+    rows, first = [], None
+    for policy, r in prepared.configs:
+        plan = prepared.study.plan(policy, r, prepared.scores, f=f)
+        first = first or plan
+        rows.append(prepared.study.evaluate(policy, r, plan, on_step))
+    assert first is not None
+    return rows, first
+
+
+def write(rows: Sequence[Row], prepared: Prepared, req: Request, plan: Plan, json_path: Path | None,
+          plot_path: Path | None, plan_dir: Path | None) -> list[str]:
+    written = []
+    for path in (json_path, plot_path, plan_dir):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    if json_path is not None:
+        doc = report.document(rows, prepared.study, str(req.model), req.importance.value)
+        json_path.write_text(json.dumps(doc, indent=1))
+        written.append(str(json_path))
+    if plot_path is not None:
+        report.plot(rows, prepared.study, plot_path)
+        written.append(str(plot_path))
+    if plan_dir is not None:
+        plan.save(plan_dir)
+        written.append(f"{plan_dir} ({prepared.configs[0][0].value}, r={prepared.configs[0][1]:g})")
+    return written

@@ -1,0 +1,223 @@
+"""Robust split inference on the shipped MNIST CNN over 4 devices: replication policies, their memory, their
+accuracy under every failure set, against the unsplit model run by onnxruntime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from edgesplit.cli import main
+from edgesplit.cluster import Cluster
+from edgesplit.datasets import accuracy, mnist_split, shipped_model
+from edgesplit.graph import load
+from edgesplit.planner import layout
+from edgesplit.robust.evaluate import Samples, max_param_bytes, prepare, run_batched
+from edgesplit.robust.importance import importance
+from edgesplit.robust.policies import Policy, region_devices, replicas, vital_count
+from edgesplit.runtime.local import LocalExecutor, run_whole_model
+
+R = 0.25
+ROW_FIELDS = {"policy", "r", "memory_vs_plain", "macs_vs_plain", "fault_free", "failures"}
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    split = mnist_split()
+    source = load(shipped_model("mnist_cnn"))
+    cluster = Cluster.simulated(4)
+    rewritten, placement = layout(source, cluster, strategy="horizontal")
+    samples = Samples({"input": split.test.images}, split.test.labels)
+    study = prepare(rewritten, placement, cluster, source, samples, (1, 2))
+    scores = importance(rewritten, "activation", {"input": split.train.images[:200]})  # calibration: train digits
+    plans = {p: study.plan(p, R, scores) for p in Policy}
+    rows = {p: study.evaluate(p, R, plan) for p, plan in plans.items()}
+    unsplit = run_whole_model(source.model, samples.inputs)["logits"]
+    return study, scores, plans, rows, unsplit
+
+
+def test_the_fault_free_plans_give_the_unsplit_models_accuracy(cnn):
+    study, _, plans, rows, unsplit = cnn
+    want = accuracy(unsplit, study.samples.labels)
+    assert want > 0.95
+    for policy, row in rows.items():
+        assert row.fault_free == want, policy
+    np.testing.assert_allclose(run_batched(LocalExecutor(plans[Policy.VITAL]), study.samples), unsplit,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_failure_sets_leave_out_the_device_holding_the_combines(cnn):
+    study, *_ = cnn
+    assert study.fatal == ("dev0",)
+    assert [set(s) for s in study.sets[1]] == [{"dev1"}, {"dev2"}, {"dev3"}]
+    assert len(study.sets[2]) == 3
+
+
+def test_full_replication_keeps_the_fault_free_accuracy_under_every_single_failure(cnn):
+    study, _, plans, rows, unsplit = cnn
+    full = rows[Policy.FULL]
+    assert all(v == full.fault_free for v in full.failures[1].values()), full.failures
+    assert all(v == full.fault_free for v in full.failures[2].values()), full.failures
+    # the replicas (spatial tiles included: their scatter is copied too) rebuild the exact logits
+    got = LocalExecutor(plans[Policy.FULL], failed={"dev2"}).run(study.samples.take(slice(0, 64)).inputs)
+    assert not got.degraded
+    np.testing.assert_allclose(got.outputs["logits"], unsplit[:64], rtol=1e-4, atol=1e-4)
+
+
+def test_the_plain_split_loses_accuracy(cnn):
+    none = cnn[3][Policy.NONE]
+    assert none.memory_vs_plain == 1.0 and none.macs_vs_plain == 1.0
+    assert none.mean(1) < none.fault_free - 0.1
+    assert none.worst(2) < none.worst(1) < none.fault_free
+
+
+def test_vital_is_at_least_as_good_as_none_for_memory_between_none_and_full(cnn):
+    rows = cnn[3]
+    vital, none, full = rows[Policy.VITAL], rows[Policy.NONE], rows[Policy.FULL]
+    assert vital.mean(1) >= none.mean(1) and vital.worst(1) >= none.worst(1)
+    assert vital.mean(1) > none.mean(1) + 0.05
+    assert none.memory_vs_plain < vital.memory_vs_plain <= full.memory_vs_plain
+
+
+def test_random_holds_as_many_units_of_each_part_as_vital_for_the_same_memory(cnn):
+    _, _, plans, rows, _ = cnn
+    count = {p: [sorted(len(r.units) for r in part.replicas) for reg in plans[p].regions for part in reg.parts]
+             for p in (Policy.VITAL, Policy.RANDOM)}
+    assert count[Policy.VITAL] == count[Policy.RANDOM]
+    assert max_param_bytes(plans[Policy.VITAL]) == max_param_bytes(plans[Policy.RANDOM])
+    assert rows[Policy.VITAL].memory_vs_plain == rows[Policy.RANDOM].memory_vs_plain
+    units = {p: [r.units for reg in plans[p].regions for part in reg.parts for r in part.replicas]
+             for p in (Policy.VITAL, Policy.RANDOM)}
+    assert units[Policy.VITAL] != units[Policy.RANDOM]
+
+
+def test_k_of_n_survives_every_single_failure_of_vital_units_with_less_memory(cnn):
+    study, scores, plans, rows, _ = cnn
+    k_of_n, vital = plans[Policy.K_OF_N], rows[Policy.VITAL]
+    for region in k_of_n.regions:
+        top = set(np.argsort(-scores[region.name], kind="stable")[:vital_count(region, R)].tolist())
+        for part in region.parts:
+            vital_here = top & set(part.units)
+            assert len(part.replicas) == (1 if vital_here else 0)
+            for copy in part.replicas:  # f = 1: one more device, never the part's own
+                assert copy.device != part.device and set(copy.units) == vital_here
+    assert rows[Policy.K_OF_N].failures[1] == vital.failures[1]  # the same units recovered: the same answers
+    assert rows[Policy.K_OF_N].memory_vs_plain < vital.memory_vs_plain
+
+
+def test_the_evaluation_equals_the_executor_run_directly(cnn):
+    study, _, plans, rows, _ = cnn
+    for policy, failed in [(Policy.VITAL, ("dev1",)), (Policy.RANDOM, ("dev2", "dev3")), (Policy.NONE, ("dev3",))]:
+        direct = LocalExecutor(plans[policy], failed=failed, allow_degraded=True).run(study.samples.inputs)
+        assert direct.degraded
+        assert rows[policy].failures[len(failed)][failed] == accuracy(direct.outputs["logits"], study.samples.labels)
+
+
+def test_k_of_n_spreads_copies_round_robin(cnn):
+    study, scores, *_ = cnn
+    requests = replicas(study.graph, "k-of-n", scores, 1.0, f=2)  # every unit vital: every part copied
+    region = study.graph.regions[0]
+    devices = region_devices(region)
+    for i, part in enumerate(region.parts):
+        got = sorted({q.device for q in requests if q.region == region.name and q.part == i})
+        at = devices.index(part.device)
+        assert got == sorted(devices[(at + k) % 4] for k in (1, 2))
+
+
+@pytest.fixture(scope="module")
+def mnist_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust-data")
+    test = mnist_split().test
+    np.savez(root / "data.npz", input=test.images[::5], labels=test.labels[::5])
+    np.savez(root / "wrong_dtype.npz", input=test.images[:20].astype(np.float64))
+    np.savez(root / "wrong_name.npz", image=test.images[:20])
+    np.savez(root / "wrong_shape.npz", input=test.images[:20, :, :14])
+    np.savez(root / "unlabelled.npz", input=test.images[:20])
+    np.savez(root / "short_labels.npz", input=test.images[:20], labels=test.labels[:19])
+    return root
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["robustness", *[str(a) for a in args]])
+
+
+def test_the_cli_writes_the_table_json_plot_and_a_plan(mnist_files, tmp_path):
+    out = tmp_path / "out"
+    result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz",
+                  "--policy", "vital,none,full", "--r", "0.25", "--importance", "activation", "--failures", "1,2",
+                  "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "memory vs plain" in result.output and "1 failed: worst" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["metric"] == "accuracy" and doc["fatal_devices"] == ["dev0"]
+    assert doc["samples"] == 180  # 200 minus the calibration slice of 20
+    assert [(r["policy"], r["r"]) for r in doc["rows"]] == [("vital", 0.25), ("none", 0.0), ("full", 1.0)]
+    for row in doc["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert set(row["failures"]) == {"1", "2"}
+        sets = row["failures"]["1"]["sets"]
+        assert [s["failed"] for s in sets] == [["dev1"], ["dev2"], ["dev3"]]
+        assert row["failures"]["1"]["worst"] == min(s["value"] for s in sets)
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = json.loads((out / "plan.json").read_text())
+    assert any(part["replicas"] for region in plan["regions"] for part in region["parts"])
+    verified = CliRunner().invoke(main, ["verify", str(out)])
+    assert verified.exit_code == 0 and "yes" in verified.output, verified.output
+
+
+def _no_regions_model(path: Path) -> Path:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 784])
+    nodes = [helper.make_node("Relu", ["input"], ["r"]), helper.make_node("Flatten", ["r"], ["logits"])]
+    model = helper.make_model(helper.make_graph(nodes, "plain", [x], [y]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--r": "0,1.5"}, "expected fractions in [0, 1], got [1.5]"),
+    ({"--failures": "4"}, "fewer than the 4 devices"),
+    ({"--data": "unlabelled.npz", "--metric": "accuracy"}, "needs a 'labels' array"),
+    ({"--policy": "vital,parity"}, "expected one of"),
+    ({"--data": "wrong_dtype.npz"}, "expected dtype float32, got float64"),
+    ({"--data": "wrong_name.npz"}, "missing input(s) ['input']"),
+    ({"--data": "wrong_shape.npz"}, "expected shape"),
+    ({"--data": "short_labels.npz"}, "expected 'labels' to be 20 integers"),
+    ({"model": "no_regions"}, "horizontal regions"),
+])
+def test_bad_input_exits_2_and_writes_nothing(mnist_files, tmp_path, change, message):
+    model = _no_regions_model(tmp_path / "plain.onnx") if change.get("model") else shipped_model("mnist_cnn")
+    options = {"--data": "data.npz", "--r": "0.25", "--failures": "1", "--policy": "none,vital"}
+    options.update({k: v for k, v in change.items() if k != "model"})
+    options["--data"] = mnist_files / options["--data"]
+    out = tmp_path / "out"
+    args = [a for k, v in options.items() for a in (k, v)]
+    result = _cli(model, "--devices", 4, *args, "--json", out / "r.json", "--plot", out / "r.png", "-o", out / "plan")
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not out.exists()
+
+
+def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
+    from test_transformer_split_models import export
+
+    model = export("bert", tmp_path)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 128, (24, 7)).astype(np.int64)
+    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = _cli(model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "data.npz",
+                  "--policy", "none,full,k-of-n", "--r", "0.5", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["metric"] == "cosine"  # no labels, one vector per token: an embedding
+    none, full, k_of_n = doc["rows"]
+    for row in doc["rows"]:
+        assert row["fault_free"] == pytest.approx(1.0, abs=1e-6)  # the split against the unsplit model
+    assert all(s["value"] == pytest.approx(1.0, abs=1e-6) for s in full["failures"]["1"]["sets"])
+    assert all(s["value"] < 1 - 1e-5 for s in none["failures"]["1"]["sets"])
+    assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
