@@ -316,10 +316,9 @@ def _bytes(plan, before: dict, after: dict, n: int) -> list[dict]:
 
 def failover(kills: int, requests: int) -> list[dict]:
     """Kill the device of part A mid-stream (its replica lives): time from the kill to the next answer."""
-    graph = edgesplit.load(zoo.replicated_conv(channels=32, size=64, batch=1))
-    mapping = {"dev0": ["stem_conv", "stem_relu", "concat1", "relu2", "gap", "flatten", "fc"], "dev1": ["conv1_a"],
-               "dev2": ["conv1_b"], "dev3": ["conv1_a_r"]}
-    plan = partition(graph, Cluster.simulated(4), mapping)
+    rest = dict.fromkeys(("stem_conv", "stem_relu", "relu1", "conv2", "relu2", "gap", "flatten", "fc"), "dev0")
+    plan, _ = zoo.replicated_split_conv(("dev1", "dev2"), "dev3", rest, "dev0", Cluster.simulated(4), channels=32,
+                                        size=64, batch=1)
     xs = [random_inputs(plan.inputs, seed=i) for i in range(requests)]
     rows = []
     for dataplane in ("tasks", "compiled"):

@@ -56,3 +56,10 @@ class StageError(EdgesplitError):
     def __init__(self, device: str, stage: str, request: int, message: str) -> None:
         self.device, self.stage, self.request = device, stage, request
         super().__init__(f"request {request}: stage {stage!r} on device {device!r} failed: {message}")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What a library's exception says, in one line (its type when it says nothing)."""
+    text = str(exc).strip() or type(exc).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[:limit] + "..."

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgesplit.errors import ModelError
+from edgesplit.errors import ModelError, first_line
 from edgesplit.layout import Region
 from edgesplit.opset import upgrade
 
@@ -123,7 +123,7 @@ def from_model(
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except Exception as exc:  # onnx raises several exception types for inference failures
-        raise ModelError(f"shape inference failed: {_first_line(exc)}") from None
+        raise ModelError(f"shape inference failed: {first_line(exc)}") from None
     tensors = _tensor_infos(inferred, dims or {})
     layers = _layers(inferred, tensors)
     digest = sha256 or _sha256_bytes(model.SerializeToString())
@@ -150,10 +150,6 @@ def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] if len(text) < 400 else text[:400] + "..."
-
 
 def _read(path: Path) -> tuple[onnx.ModelProto, str, str]:
     if not path.is_file():
@@ -161,17 +157,17 @@ def _read(path: Path) -> tuple[onnx.ModelProto, str, str]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise ModelError(f"{path} is not an ONNX model (protobuf parse failed: {_first_line(exc)})") from None
+        raise ModelError(f"{path} is not an ONNX model (protobuf parse failed: {first_line(exc)})") from None
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model with a graph (no nodes found)")
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise ModelError(f"{path} fails onnx.checker: {_first_line(exc)}") from None
+        raise ModelError(f"{path} fails onnx.checker: {first_line(exc)}") from None
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
-        raise ModelError(f"{path}: cannot read its external data: {_first_line(exc)}") from None
+        raise ModelError(f"{path}: cannot read its external data: {first_line(exc)}") from None
     return model, path.stem, sha256_file(path)
 
 
@@ -309,7 +305,7 @@ def _probe(model: onnx.ModelProto, unknown: Mapping[str, onnx.NodeProto], dims: 
         values = run_model(exposing(model, unknown, only=True), feeds)
     except Exception as exc:
         raise ModelError(f"cannot infer the shape of {where}: static shape inference gives no rank and running the "
-                         f"model on sample inputs (symbolic dims = {dict(dims) or 1}) failed: {_first_line(exc)[:200]}; if the model "
+                         f"model on sample inputs (symbolic dims = {dict(dims) or 1}) failed: {first_line(exc)[:200]}; if the model "
                          f"only runs for certain sizes, give them (CLI: --dim NAME=SIZE, Python: load(..., dims={{...}}))") from None
     return {t: TensorInfo(t, v.dtype.name, tuple(v.shape), int(v.nbytes)) for t, v in values.items()}
 

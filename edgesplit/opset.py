@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from edgesplit.errors import ModelError
+from edgesplit.errors import ModelError, first_line
 
 MINIMUM = 13
 TARGET = 17  # the opset edgesplit's rewrites and the test zoo use
@@ -34,7 +34,7 @@ def upgrade(model: onnx.ModelProto, dims: Mapping[str, int] | None = None) -> on
         onnx.checker.check_model(converted)
     except Exception as exc:  # the converter raises several types, one per missing adapter
         raise ModelError(f"expected an ONNX model with opset >= {MINIMUM}, got opset {opset}, and "
-                         f"onnx.version_converter cannot convert it to {TARGET}: {_first_line(exc)}") from None
+                         f"onnx.version_converter cannot convert it to {TARGET}: {first_line(exc)}") from None
     worst = _difference(model, converted, dims or {})
     if worst:
         raise ModelError(f"expected an ONNX model with opset >= {MINIMUM}, got opset {opset}; converting it to "
@@ -54,7 +54,7 @@ def _difference(original: onnx.ModelProto, converted: onnx.ModelProto, dims: Map
         feeds = _sample(original, before, dims)
         want, got = before.run(None, feeds), after.run(None, feeds)
     except Exception as exc:  # onnxruntime raises its own exception types
-        return f"onnxruntime cannot run both on sample inputs: {_first_line(exc)}"
+        return f"onnxruntime cannot run both on sample inputs: {first_line(exc)}"
     for out, a, b in zip(before.get_outputs(), want, got):
         a, b = np.asarray(a), np.asarray(b)
         if a.shape != b.shape:
@@ -75,8 +75,3 @@ def _sample(model: onnx.ModelProto, session, dims: Mapping[str, int]) -> dict[st
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(declared[i.name].type.tensor_type.elem_type))
         feeds[i.name] = rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else np.ones(shape, dtype)
     return feeds
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -45,13 +45,8 @@ def split_layout(graph, cluster, layer: str, kind: str, devices: tuple[str, ...]
 
 
 def split_conv_plan(layout: dict, mode: ReplicaMode = ReplicaMode.STANDBY):
-    graph = edgesplit.load(zoo.split_conv(CHANNELS))
-    cluster = Cluster.simulated(4)
-    split, where = split_layout(graph, cluster, "conv1", "lop", layout["parts"], layout["rest"], layout["combine"])
-    region = split.regions[0]
-    split, where = with_replicas(split, where, [ReplicaRequest(region.name, 0, region.parts[0].units,
-                                                               layout["replica"], mode)])
-    return plan_of(split, cluster, where), graph
+    return zoo.replicated_split_conv(layout["parts"], layout["replica"], layout["rest"], layout["combine"],
+                                     Cluster.simulated(4), mode, channels=CHANNELS)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,18 @@ convolutions; inception: branches that fan out and merge. All include BatchNorm,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
+
+from edgesplit.cluster import Cluster
+from edgesplit.layout import ReplicaMode
 
 
 def _bn_relu(c: int) -> list[nn.Module]:
@@ -244,3 +248,23 @@ def split_conv(channels: int = 4, size: int = 8, batch: int | str = "batch", see
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def replicated_split_conv(parts: tuple[str, str], replica: str, rest: Mapping[str, str], combine: str,
+                          cluster: Cluster, mode: ReplicaMode = ReplicaMode.STANDBY, **model: Any) -> tuple:
+    """`split_conv` with conv1 split by output channels over `parts` and all of part 0's units replicated on
+    `replica`, built through the API: (plan, unsplit graph). `rest` places the other layers, `combine` the Concat."""
+    from edgesplit.graph import load
+    from edgesplit.place.parts import place
+    from edgesplit.planner import plan, with_replicas
+    from edgesplit.rewrite import cnn
+    from edgesplit.rewrite.base import SplitRequest
+    from edgesplit.rewrite.replicas import ReplicaRequest
+
+    graph = load(split_conv(**model))
+    split = cnn.apply(graph, [SplitRequest("lop", ("conv1",), len(parts))])
+    combines = dict.fromkeys((n for r in split.regions for n in r.combine_nodes), combine)
+    split, where = place(split, cluster, {"lop:conv1": parts}, {**rest, **combines})
+    region = split.regions[0]
+    split, where = with_replicas(split, where, [ReplicaRequest(region.name, 0, region.parts[0].units, replica, mode)])
+    return plan(split, cluster, where), graph

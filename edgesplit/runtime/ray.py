@@ -21,7 +21,8 @@ import numpy as np
 import ray
 from ray.exceptions import GetTimeoutError, RayChannelTimeoutError, RayError, RayTaskError
 
-from edgesplit.errors import DeviceFailedError, EdgesplitError, InputError, PlanError, StageError
+from edgesplit.errors import (DeviceFailedError, EdgesplitError, InputError, PlanError, StageError,
+                              first_line)
 from edgesplit.layout import Dataplane
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
@@ -97,7 +98,7 @@ class RayExecutor:
                 try:
                     ray.get(r)
                 except RayError as exc:
-                    failed.append(f"{d}: {_first_line(exc)}")
+                    failed.append(f"{d}: {_cause_line(exc)}")
         if late or failed:
             self.close()
             raise raycluster.ClusterError(
@@ -226,7 +227,7 @@ class RayExecutor:
             ray.get(compiled.execute(*(first[t] for t in self.router.inputs)), timeout=WARMUP_TIMEOUT)
             return compiled
         except Exception as exc:  # noqa: BLE001 - any compile failure falls back to ordinary actor calls
-            self.compile_error = f"cannot build a Ray Compiled Graph for this plan: {_first_line(exc)}"
+            self.compile_error = f"cannot build a Ray Compiled Graph for this plan: {_cause_line(exc)}"
             self._compile_after = time.monotonic() + COMPILE_COOLDOWN
             return None
 
@@ -501,7 +502,7 @@ class Session:
                 self._split(req, queue)
                 return
             device, stage = self._failed_stage(req)
-            req.error = StageError(device, stage, req.ids[0], _first_line(exc))
+            req.error = StageError(device, stage, req.ids[0], _cause_line(exc))
             return
         self._lose(req, queue, lost, rerun_compiled=compiled)
 
@@ -577,9 +578,7 @@ def _quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
         context.teardown_timeout = wait
 
 
-def _first_line(exc: BaseException) -> str:
+def _cause_line(exc: BaseException) -> str:
     """What went wrong, in one line: for an error raised in an actor, the stage's own error, not Ray's wrapper."""
     cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
-    exc = cause if isinstance(cause, BaseException) else exc
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    return first_line(cause if isinstance(cause, BaseException) else exc)

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
-from edgesplit.errors import PlanError
+from edgesplit.errors import PlanError, first_line
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import session_options
 
@@ -70,7 +70,7 @@ def load_session(spec: StageSpec, options: ort.SessionOptions,
         return ort.InferenceSession(spec.model, options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own pybind11 classes (NotImplemented, Fail, InvalidGraph)
         raise PlanError(f"stage {spec.name!r} (device {spec.device!r}) cannot be loaded by onnxruntime "
-                        f"{ort.__version__}: {_first_line(exc)}") from None
+                        f"{ort.__version__}: {first_line(exc)}") from None
 
 
 def check_loadable(plan: Plan) -> None:
@@ -83,7 +83,3 @@ def check_loadable(plan: Plan) -> None:
             problems.append(str(exc))
     if problems:
         raise PlanError("the plan cannot run:\n  " + "\n  ".join(problems))
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
