@@ -325,6 +325,15 @@ def attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def weight_axes(node: onnx.NodeProto, rank: int) -> tuple[int, int]:
+    """(output axis, input axis) of the weight (input 1) of a Conv, Gemm or MatMul of weight rank `rank`."""
+    if node.op_type == "Conv":
+        return 0, 1
+    if node.op_type == "Gemm":
+        return (0, 1) if attr(node, "transB", 0) else (1, 0)
+    return rank - 1, rank - 2  # MatMul: x @ W
+
+
 def static_shape(graph: Graph, tensor: str) -> tuple[int, ...]:
     shape = graph.tensors[tensor].shape
     return tuple(d if isinstance(d, int) else -1 for d in shape)

@@ -19,7 +19,7 @@ import onnx
 
 from edgesplit.graph import Graph
 from edgesplit.layout import Combine, Part, Region, Replica, ReplicaMode
-from edgesplit.rewrite.base import Editor, SplitError, attr
+from edgesplit.rewrite.base import Editor, SplitError, attr, weight_axes
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 ELEMENTWISE = ("Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
@@ -132,17 +132,8 @@ def _per_element(ed: Editor, node: onnx.NodeProto) -> bool:
     return node.op_type in ELEMENTWISE and all(ed.is_const(i) and ed.array(i).size == 1 for i in consts)
 
 
-def _out_axis(ed: Editor, node: onnx.NodeProto) -> int:
-    """The axis of the weight that indexes output channels / neurons."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attr(node, "transB", 0) else 1
-    return ed.array(node.input[1]).ndim - 1  # MatMul: x @ W
-
-
 def _cut_weights(ed: Editor, node: onnx.NodeProto, positions: list[int], tag: str) -> onnx.NodeProto:
-    axis = _out_axis(ed, node)
+    axis = weight_axes(node, ed.array(node.input[1]).ndim)[0]
     ins = list(node.input)
     ins[1] = ed.const(f"{node.input[1]}{tag}", np.take(ed.array(node.input[1]), positions, axis=axis))
     if len(ins) > 2 and ins[2] and ed.is_const(ins[2]):
@@ -176,7 +167,7 @@ def _mask_rows(ed: Editor, node: onnx.NodeProto, positions: list[int], units: in
         raise SplitError(f"region {region!r}: its parts end in {node.op_type}, not in a Conv / Gemm / MatMul with a "
                          f"constant weight, so a replica of some of its units cannot be built")
     w = ed.array(node.input[1])
-    axis = {"Conv": 1, "MatMul": w.ndim - 2, "Gemm": 1 if attr(node, "transB", 0) else 0}[node.op_type]
+    axis = weight_axes(node, w.ndim)[1]
     if w.shape[axis] % units:
         raise SplitError(f"region {region!r}: {w.shape[axis]} inputs of its last layer do not divide into "
                          f"{units} units")

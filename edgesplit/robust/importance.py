@@ -21,6 +21,7 @@ from onnx import numpy_helper
 
 from edgesplit.graph import Graph
 from edgesplit.layout import Choice, Combine, Part, Region
+from edgesplit.rewrite.base import weight_axes
 from edgesplit.runtime.local import run_whole_model
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -71,13 +72,13 @@ def _locate(graph: Graph, region: Region, part: Part) -> _Where:
     if region.combine is Combine.SUM:
         exit_node = next(n for n in graph.model.graph.node if part.output in n.output)
         w = _weight(exit_node, weights)
-        axis = 0 if w is None else _input_axis(exit_node, w)
+        axis = 0 if w is None else weight_axes(exit_node, w.ndim)[1]
         tensor_axis = 1 if exit_node.op_type == "Conv" else -1
         return _Where(exit_node, w, axis, exit_node.input[0], tensor_axis)
     head = nodes[part.nodes[0]]
     spatial = region.kind.spatial or head.op_type not in WEIGHTED
     w = None if spatial else _weight(head, weights)
-    axis = 0 if w is None else _output_axis(head, w)
+    axis = 0 if w is None else weight_axes(head, w.ndim)[0]
     return _Where(head, w, axis, part.output, region.axis)
 
 
@@ -85,26 +86,6 @@ def _weight(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> np
     if node.op_type not in WEIGHTED or len(node.input) < 2 or node.input[1] not in weights:
         return None
     return numpy_helper.to_array(weights[node.input[1]])
-
-
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
-
-
-def _output_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if _attr(node, "transB", 0) else 1
-    return w.ndim - 1
-
-
-def _input_axis(node: onnx.NodeProto, w: np.ndarray) -> int:
-    if node.op_type == "Conv":
-        return 1
-    if node.op_type == "Gemm":
-        return 1 if _attr(node, "transB", 0) else 0
-    return w.ndim - 2
 
 
 def _weight_scores(where: _Where, units: int) -> np.ndarray:
