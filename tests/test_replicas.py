@@ -192,3 +192,18 @@ def test_transformer_heads_and_neurons_every_failure_set(tmp_path):
         assert got.degraded == any(g for _, g in lost.values())
     assert not np.allclose(ex.run(x, failed={"dev1"}).outputs["out"], run_whole_model(graph.model, x)["out"],
                            atol=1e-4)
+
+
+def test_an_input_channel_replica_holds_only_its_units_weights():
+    plan, _ = replicated("lip", "conv2", [(0, (1,), "dev3", STANDBY)])
+    part = plan.regions[0].parts[0]
+
+    def conv_weight(nodes) -> tuple[int, ...]:
+        (stage,) = [s for s in plan.stages if set(nodes) <= set(s.layers)]
+        model = plan.stage_model(stage.name)
+        inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        (conv,) = [n for n in model.graph.node if n.op_type == "Conv"]
+        return inits[conv.input[1]]
+
+    own, replica = conv_weight(part.nodes), conv_weight(part.replicas[0].nodes)
+    assert own[1] == len(part.units) and replica == (own[0], 1, *own[2:])  # one of the part's input channels

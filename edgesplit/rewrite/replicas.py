@@ -5,8 +5,8 @@ A replica reads what its part reads and outputs its units only:
   most activations, is copied with its weight (and bias) cut to the replica's units: it costs
   len(units) / len(part units) of the part;
 - any other Concat part (followers, spatial tiles) is copied whole, then the replica's units are gathered from it;
-- a Sum part (input channels, attention heads, MLP neurons) is copied whole with the weight of its last layer
-  masked to the replica's units, so its output is exactly those units' partial sum.
+- a Sum part (input channels, attention heads, MLP neurons) is copied up to its last layer, whose input is gathered
+  to the replica's units and whose weight is sliced to them, so its output is exactly those units' partial sum.
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def _build(ed: Editor, region: Region, part: Part, req: ReplicaRequest, tag: str
                          {"axis": region.axis}, outputs=[f"{part.output}{tag}/units_out"])
         return copies + [gather], gather.output[0]
     exit_copy = copies[[n.name for n in nodes].index(last.name)]
-    _mask_rows(ed, exit_copy, positions, len(part.units), region.name)
-    return copies, names[part.output]
+    return [*copies, _slice_exit(ed, exit_copy, positions, len(part.units), region.name, tag)], names[part.output]
 
 
 def _closure(ed: Editor, part: Part) -> list[str]:
@@ -161,23 +160,25 @@ def _copy(ed: Editor, nodes: list[onnx.NodeProto], tag: str,
     return copies, names
 
 
-def _mask_rows(ed: Editor, node: onnx.NodeProto, positions: list[int], units: int, region: str) -> None:
-    """Zero the weight of the last layer of a Sum part outside the replica's units (input channels or rows)."""
+def _slice_exit(ed: Editor, node: onnx.NodeProto, positions: list[int], units: int, region: str,
+                tag: str) -> onnx.NodeProto:
+    """Cut the last layer of a Sum part to the replica's units: its input gathered to their channels / rows and its
+    weight sliced to match, so it computes exactly their partial sum for len(units) / units of the layer."""
     if node.op_type not in WEIGHTED or len(node.input) < 2 or not ed.is_const(node.input[1]):
         raise SplitError(f"region {region!r}: its parts end in {node.op_type}, not in a Conv / Gemm / MatMul with a "
                          f"constant weight, so a replica of some of its units cannot be built")
+    if len(node.input) > 2 and node.input[2]:
+        raise SplitError(f"region {region!r}: its parts add a bias before the Sum; expected pure partial sums")
     w = ed.array(node.input[1])
     axis = weight_axes(node, w.ndim)[1]
     if w.shape[axis] % units:
         raise SplitError(f"region {region!r}: {w.shape[axis]} inputs of its last layer do not divide into "
                          f"{units} units")
     per = w.shape[axis] // units
-    keep = np.zeros(w.shape[axis], dtype=bool)
-    for p in positions:
-        keep[p * per:(p + 1) * per] = True
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    masked = np.where(keep.reshape(shape), w, np.zeros((), dtype=w.dtype))
-    node.input[1] = ed.const(f"{node.input[1]}~masked", masked)
-    if len(node.input) > 2 and node.input[2]:
-        raise SplitError(f"region {region!r}: its parts add a bias before the Sum; expected pure partial sums")
+    keep = np.concatenate([np.arange(p * per, (p + 1) * per) for p in positions]).astype(np.int64)
+    along = {"Conv": 1, "Gemm": 0 if attr(node, "transA", 0) else 1}.get(node.op_type, -1)  # MatMul: x's last axis
+    gather = ed.make("Gather", [node.input[0], ed.const(f"{node.name}{tag}/rows", keep)], f"{node.name}{tag}/rows",
+                     {"axis": along})
+    node.input[0] = gather.output[0]
+    node.input[1] = ed.const(f"{node.input[1]}{tag}", np.take(w, keep, axis=axis))
+    return gather
