@@ -26,7 +26,12 @@ from edgesplit.cluster import Cluster
 from edgesplit.datasets import accuracy, mnist_split, provenance, shipped_model
 from edgesplit.graph import Graph, load
 from edgesplit.compare import compare
-from edgesplit.planner import partition
+from edgesplit.layout import Strategy
+from edgesplit.planner import layout, partition, with_replicas
+from edgesplit.planner import plan as plan_of
+from edgesplit.robust.evaluate import fatal_devices, max_param_bytes
+from edgesplit.robust.importance import Importance, importance
+from edgesplit.robust.policies import Policy, replicas
 from edgesplit.plan import Plan, Stage
 from edgesplit.runtime.common import session_options
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
@@ -86,6 +91,8 @@ def run_demo(devices: int = 3, console: Console | None = None, cluster: str | Pa
                   f"local executor):  [bold]{acc_split:.2%}[/]  ({t2 - t1:.2f} s)")
     console.print(f"[green]equal[/]: the same prediction for all {len(test)} digits; "
                   f"max relative logit difference {diff.max_rel:.2g} (tolerance {RTOL:g})")
+    robust = device_lost(graph, the_cluster, test.images, test.labels, console) if len(the_cluster.devices) > 2 \
+        else None
     return {
         "model": model,
         "model_sha256": graph.sha256,
@@ -100,8 +107,33 @@ def run_demo(devices: int = 3, console: Console | None = None, cluster: str | Pa
         "max_rel_diff": diff.max_rel,
         "wire_bytes_per_digit": plan.wire_bytes(),
         "memory": [asdict(m) | {"estimate_bytes": m.estimate_bytes} for m in memory],
+        "robustness": robust,
         "seconds": {"unsplit": t1 - t0, "split": t2 - t1, "total": time.perf_counter() - t_start},
     }
+
+
+def device_lost(graph: Graph, cluster: Cluster, images: np.ndarray, labels: np.ndarray, console: Console,
+                r: float = 0.5, calibration: int = 100) -> dict[str, Any]:
+    """Split horizontally, lose one device that holds only parts: the plain split's accuracy (degraded answers)
+    against the same split with the vital half of every part's units on the next device (k-of-n, standby)."""
+    rewritten, placement = layout(graph, cluster, strategy=Strategy.HORIZONTAL)
+    scores = importance(rewritten, Importance.ACTIVATION, {"input": images[:calibration]})
+    extra = replicas(rewritten, Policy.K_OF_N, scores, r)
+    plain = plan_of(rewritten, cluster, placement)
+    with_extra, placed = with_replicas(rewritten, placement, extra)
+    replicated = plan_of(with_extra, cluster, placed)
+    lost = next(d for d in plain.devices if d not in fatal_devices(plain))
+    x, y = {"input": images[calibration:]}, labels[calibration:]
+    acc = {name: accuracy(LocalExecutor(p, allow_degraded=True).run(x, failed={lost}).outputs["logits"], y)
+           for name, p in (("plain", plain), ("replicated", replicated))}
+    fault_free = accuracy(LocalExecutor(plain).run(x).outputs["logits"], y)
+    memory = max_param_bytes(replicated) / max_param_bytes(plain)
+    console.print(f"device {lost} lost, horizontal split over {len(cluster.devices)} devices, {len(y)} digits: "
+                  f"plain split [bold]{acc['plain']:.2%}[/] (degraded answers), with the vital {r:.0%} of every "
+                  f"part's units replicated on the next device [bold]{acc['replicated']:.2%}[/] at {memory:.2f}x the "
+                  f"plain split's per-device parameter memory; no device lost: {fault_free:.2%}")
+    return {"lost": lost, "fault_free": fault_free, "plain": acc["plain"], "replicated": acc["replicated"],
+            "memory_vs_plain": memory, "r": r}
 
 
 def activation_peak(graph: Graph, stage: Stage) -> int:

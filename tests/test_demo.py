@@ -59,6 +59,15 @@ def test_demo_reports_equal_accuracy(demo_run):
         assert heading in text
 
 
+def test_demo_loses_a_device_and_keeps_accuracy_with_replicas(demo_run):
+    numbers, text = demo_run
+    lost = numbers["robustness"]
+    assert lost["plain"] < lost["fault_free"] - 0.1  # the plain split loses a third of every split layer
+    assert lost["plain"] < lost["replicated"] <= lost["fault_free"]
+    assert 1 < lost["memory_vs_plain"] < 2
+    assert f"device {lost['lost']} lost" in text and f"{lost['replicated']:.2%}" in text
+
+
 def test_demo_memory_per_device(demo_run, cnn):
     memory = demo_run[0]["memory"]
     assert [m["device"] for m in memory] == ["dev0", "dev1", "dev2"]
