@@ -208,8 +208,11 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
               help="ray: requests sent through each device per call; more divides Ray's per-call cost (throughput), "
                    "and each chunk of N gets N times the deadline.")
+@click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
+              help="ray: seconds to wait for every device's actor to start (a note every 5 s says who is late).")
 def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
-        backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int) -> None:
+        backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int,
+        start_timeout: float) -> None:
     """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
     from edgesplit.plan import Plan
     from edgesplit.runtime.local import LocalExecutor
@@ -224,7 +227,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
         requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
         streamio.check_requests(plan, requests)
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
-                                              deadline, dataplane, chunk)
+                                              deadline, dataplane, chunk, start_timeout)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
         for message, count in streamio.describe_failures(answers).items():
             say(err_console, f"{count} request(s) failed:", "red", message)

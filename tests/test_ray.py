@@ -485,3 +485,18 @@ def test_killing_a_part_with_hot_and_standby_replicas_degrades_only_its_uncovere
     # part A lost: units 0-1 from dev2's standby replica, 3 from dev3's hot one, only unit 2 filled
     for a, x in after:
         np.testing.assert_allclose(a.outputs["y"], reference.run(x).outputs["y"], rtol=1e-6, atol=1e-7)
+
+
+def test_device_start_up_is_noted_while_it_lasts_and_bounded_by_the_start_timeout(ray_instance, plans, monkeypatch,
+                                                                                   caplog):
+    import logging
+
+    from edgesplit.runtime import ray as ray_executor
+
+    monkeypatch.setattr(ray_executor, "START_NOTE_EVERY", 0.001)  # a note at once: no actor starts within 1 ms
+    with caplog.at_level(logging.INFO, logger="edgesplit"), executor(plans["vertical2"]) as ex:
+        assert ex.run(_requests(plans["vertical2"], 1)[0]).outputs
+    assert any("starting device actors:" in r.getMessage() and "--start-timeout" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(EdgesplitError, match=r"not ready within 0.001 s .*--start-timeout"):
+        executor(plans["vertical2"], ready_timeout=0.001)

@@ -10,6 +10,7 @@ flight that used it is re-routed (`failures.route`: replica, else zeros if degra
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -33,6 +34,9 @@ from edgesplit.runtime.rayworker import DeviceWorker
 
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
 WARMUP_TIMEOUT = 120.0
+START_TIMEOUT = 180.0  # seconds for every device's actor to start (a busy 2-core machine took over 60)
+START_NOTE_EVERY = 5.0
+log = logging.getLogger("edgesplit")
 COMPILE_COOLDOWN = 5.0
 TEARDOWN_WAIT = 2.0
 CLOSE_TEARDOWN_WAIT = 2  # seconds; Ray's DAGContext wants an int
@@ -44,7 +48,7 @@ class RayExecutor:
 
     def __init__(self, plan: Plan, address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
                  deadline: float = 30.0, dataplane: Dataplane | str = Dataplane.AUTO, rejoin_interval: float | None = 1.0,
-                 connect_timeout: float = 10.0, ready_timeout: float = 60.0, ping_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 10.0, ready_timeout: float = START_TIMEOUT, ping_timeout: float = 5.0) -> None:
         try:
             plane = Dataplane.parse(dataplane, "dataplane")
         except ValueError as exc:
@@ -89,8 +93,18 @@ class RayExecutor:
                              self.plan.cluster.device(device).providers)
 
     def _wait_ready(self, timeout: float) -> None:
+        """Every device's actor answers a ping within `timeout` seconds; a note every few seconds says who is late."""
         refs = {d: a.ping.remote() for d, a in self.actors.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        start, ready = time.monotonic(), []
+        while len(ready) < len(refs):
+            left = timeout - (time.monotonic() - start)
+            if left <= 0:
+                break
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=min(left, START_NOTE_EVERY))
+            late = [d for d, r in refs.items() if r not in ready]
+            if late and time.monotonic() - start < timeout:
+                log.info("starting device actors: %d of %d ready after %.0f s (waiting for %s; up to %g s, "
+                         "--start-timeout)", len(ready), len(refs), time.monotonic() - start, ", ".join(late), timeout)
         late = [d for d, r in refs.items() if r not in ready]
         failed = []
         for d, r in refs.items():
@@ -103,8 +117,8 @@ class RayExecutor:
             self.close()
             raise raycluster.ClusterError(
                 "device actors did not start:\n  " + "\n  ".join(
-                    [f"{d}: not ready within {timeout:g} s (is its node alive and registered?)" for d in late]
-                    + failed))
+                    [f"{d}: not ready within {timeout:g} s (is its node alive and registered? a busy machine may "
+                     f"need a longer --start-timeout)" for d in late] + failed))
 
     def check(self, devices: Iterable[str]) -> dict[str, str]:
         """Ping devices (not already down); those that fail are 'died', those that do not answer in time 'silent'."""
