@@ -335,17 +335,20 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine"]), default=None,
               help="Override the metric (default: accuracy with labels, else chosen from the output shape).")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
+@click.option("--fill", type=click.Choice(["zeros", "mean"]), default="zeros", show_default=True,
+              help="What stands in for units no copy holds: zeros, or their means on the calibration slice.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: metric vs memory.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r as a plan dir.")
 def robustness(model: Path, devices: int | None, cluster: Path | None, data_path: Path, calibration: Path | None,
                policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None, f: int,
-               json_path: Path | None, plot_path: Path | None, output: Path | None) -> None:
+               fill: str, json_path: Path | None, plot_path: Path | None, output: Path | None) -> None:
     """Accuracy (or fidelity) of replication policies under every failure set, against their memory."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edgesplit.layout import Fill
     from edgesplit.layout import Strategy as _Strategy
     from edgesplit.robust import data, report, study
     from edgesplit.robust.importance import Importance
@@ -355,7 +358,7 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
         model, _cluster(devices, cluster), data_path, calibration,
         tuple(_parsed(Policy, p, "--policy") for p in data.parse_list(policies, str, "--policy")),
         tuple(data.parse_list(rs, float, "--r")), Importance(importance_),
-        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f)
+        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill))
     t0 = time.perf_counter()
     prepared = study.prepare_request(request)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

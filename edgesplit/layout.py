@@ -91,6 +91,7 @@ class Combine(Choice):
 
 class Fill(Choice):
     ZEROS = "zeros"  # lost units are zeros (lost channels, or lost partial sums)
+    MEAN = "mean"  # lost units are their calibrated means (`Region.fill_values`)
 
 
 class ReplicaMode(Choice):
@@ -192,6 +193,11 @@ class Region:
     scatter: tuple[str, ...] = ()  # Slice nodes that cut a region input (run where the input is produced)
     block: int | None = None  # Transformer block index
     stats: RegionStats | None = None
+    # fill MEAN, one entry per unit: Concat, the unit's mean activation (one value, or one per channel along
+    # `fill_axis` when the units are rows or tiles); Sum, its mean contribution to the combined output along
+    # `fill_axis` (one value per output channel / feature)
+    fill_values: tuple[tuple[float, ...], ...] = ()
+    fill_axis: int = 1
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -240,6 +246,13 @@ class Region:
                                     f"expected another device")
         if len(seen) != self.units:
             problems.append(f"{where}: parts cover {len(seen)} of {self.units} units; expected all of them")
+        if self.fill is Fill.MEAN:
+            sizes = {len(v) for v in self.fill_values}
+            if len(self.fill_values) != self.units or len(sizes) != 1 or 0 in sizes:
+                problems.append(f"{where}: fill 'mean' needs one non-empty value vector per unit, all of one length; "
+                                f"got {len(self.fill_values)} for {self.units} units")
+            elif self.combine not in (Combine.CONCAT, Combine.SUM):
+                problems.append(f"{where}: fill 'mean' needs a Concat or Sum combine, got {self.combine.value!r}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,6 +263,9 @@ class Region:
             "combine_nodes": list(self.combine_nodes or (self.combine_node,)), "scatter": list(self.scatter),
             "block": self.block,
         }
+        if self.fill_values:
+            d["fill_values"] = [list(v) for v in self.fill_values]
+            d["fill_axis"] = self.fill_axis
         if self.stats is not None:
             s = self.stats
             d["stats"] = {"macs": s.macs, "part_macs": s.part_macs, "halo_bytes": s.halo_bytes,
@@ -270,6 +286,8 @@ class Region:
             fill=Fill.parse(fill, f"region {d['name']!r} fill") if fill is not None else None,
             combine_nodes=tuple(d.get("combine_nodes", ())), scatter=tuple(d.get("scatter", ())),
             block=d.get("block"), stats=stats,
+            fill_values=tuple(tuple(float(x) for x in v) for v in d.get("fill_values", ())),
+            fill_axis=int(d.get("fill_axis", 1)),
         )
 
 

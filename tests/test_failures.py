@@ -148,7 +148,8 @@ def test_replica_output_is_a_stage_output(hybrid):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda r: r.update(fill="mean"), "fill: expected one of"),
+    (lambda r: r.update(fill="median"), "fill: expected one of"),
+    (lambda r: r.update(fill="mean"), "fill 'mean' needs one non-empty value vector per unit"),
     (lambda r: r["parts"][0].pop("units"), "missing field 'units'"),
     (lambda r: r["parts"][0].update(units=[0, 99]), "outside"),
     (lambda r: r["parts"][0]["replicas"][0].update(units=[7]), "subset of the part's units"),

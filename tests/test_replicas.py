@@ -13,7 +13,7 @@ from onnx import numpy_helper
 import edgesplit
 from edgesplit.bench import zoo
 from edgesplit.cluster import Cluster
-from edgesplit.layout import Combine, Region, ReplicaMode
+from edgesplit.layout import Combine, Fill, Region, ReplicaMode
 from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
 from edgesplit.rewrite.replicas import ReplicaRequest
@@ -207,3 +207,56 @@ def test_an_input_channel_replica_holds_only_its_units_weights():
 
     own, replica = conv_weight(part.nodes), conv_weight(part.replicas[0].nodes)
     assert own[1] == len(part.units) and replica == (own[0], 1, *own[2:])  # one of the part's input channels
+
+
+# ---- calibrated mean fills ----
+
+def with_means(model: onnx.ModelProto, tensor: str, axis: int, lost: list[int], means: np.ndarray) -> onnx.ModelProto:
+    """The model with `tensor`'s lost units (along `axis`) replaced by `means` (one per unit, or per unit x channel)."""
+    from onnx import helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = np.ones(means.shape[0], dtype=np.float32)
+    keep[lost] = 0
+    shape = [1] * (4 if tensor == "r1" else 2)  # relu1 is NCHW, fc's input is [batch, features]
+    shape[axis] = -1
+    users = [n for n in out.graph.node if tensor in n.input]
+    out.graph.initializer.extend([numpy_helper.from_array(keep.reshape(shape), f"{tensor}.keep"),
+                                  numpy_helper.from_array(((1 - keep) * means).astype(np.float32).reshape(shape),
+                                                          f"{tensor}.mean")])
+    for n in users:
+        n.input[list(n.input).index(tensor)] = f"{tensor}.filled"
+    at = next(i for i, n in enumerate(out.graph.node) if tensor in n.output) + 1
+    for node in reversed([helper.make_node("Mul", [tensor, f"{tensor}.keep"], [f"{tensor}.kept"]),
+                          helper.make_node("Add", [f"{tensor}.kept", f"{tensor}.mean"], [f"{tensor}.filled"])]):
+        out.graph.node.insert(at, node)
+    return out
+
+
+@pytest.mark.parametrize("kind, layer, tensor, axis", [
+    ("lop", "conv1", "r1", 1),  # Concat: lost channels at the combine (after relu1) are their calibrated means
+    ("lip", "fc", "f", 1),  # Sum: lost input features of fc contribute what their means contribute
+])
+def test_mean_fill_equals_the_model_with_the_lost_units_at_their_means(kind, layer, tensor, axis):
+    from edgesplit.probe import exposing, run_model
+    from edgesplit.robust.fills import mean_fills
+
+    graph = edgesplit.load(zoo.split_conv(CHANNELS))
+    cluster = Cluster.simulated(4)
+    rest = {n: "dev0" for n in REST + ["conv1", "conv2"] if n != layer}
+    split, where = split_layout(graph, cluster, layer, kind, ("dev1", "dev2"), rest, "dev0")
+    calibration = random_inputs(edgesplit.partition(graph, cluster).inputs, {"batch": 16}, seed=7)
+    filled = mean_fills(split, calibration)
+    region = filled.regions[0]
+    assert region.fill is Fill.MEAN and len(region.fill_values) == region.units
+    plan = plan_of(filled, cluster, where)
+    seen = run_model(exposing(graph.model, [tensor]), calibration)[tensor]
+    means = seen.mean(axis=tuple(i for i in range(seen.ndim) if i != axis))
+    x = random_inputs(plan.inputs, {"batch": 2}, seed=3)
+    got = LocalExecutor(plan, allow_degraded=True).run(x, failed={"dev2"})
+    lost = list(region.parts[1].units)
+    want = run_whole_model(with_means(graph.model, tensor, axis, lost, means), x)["y"]
+    np.testing.assert_allclose(got.outputs["y"], want, rtol=1e-4, atol=1e-5)
+    zeros = LocalExecutor(plan_of(split, cluster, where), allow_degraded=True).run(x, failed={"dev2"})
+    assert not np.allclose(zeros.outputs["y"], got.outputs["y"])  # the fill made a difference

@@ -170,6 +170,21 @@ def test_the_cli_writes_the_table_json_plot_and_a_plan(mnist_files, tmp_path):
     assert verified.exit_code == 0 and "yes" in verified.output, verified.output
 
 
+def test_mean_fill_is_calibrated_stored_in_the_plan_and_changes_the_answers(mnist_files, tmp_path):
+    rows = {}
+    for fill in ("zeros", "mean"):
+        result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz", "--policy",
+                      "none", "--fill", fill, "--importance", "activation",  # both: the same calibration slice
+                      "--json", tmp_path / f"{fill}.json", "-o", tmp_path / fill)
+        assert result.exit_code == 0, result.output
+        rows[fill] = json.loads((tmp_path / f"{fill}.json").read_text())["rows"][0]
+        regions = json.loads((tmp_path / fill / "plan.json").read_text())["regions"]
+        assert {r["fill"] for r in regions} == {fill}
+        assert all(len(r.get("fill_values", [])) == r["units"] for r in regions) == (fill == "mean")
+    assert rows["zeros"]["fault_free"] == rows["mean"]["fault_free"]
+    assert rows["zeros"]["failures"]["1"]["mean"] != rows["mean"]["failures"]["1"]["mean"]
+
+
 def _no_regions_model(path: Path) -> Path:
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 28, 28])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 784])

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from edgesplit.graph import Graph
 from edgesplit.layout import Choice, Combine, Part, Region
 from edgesplit.rewrite.base import weight_axes
-from edgesplit.runtime.local import run_whole_model
+from edgesplit.probe import exposing, run_model
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 
@@ -33,7 +33,7 @@ class Importance(Choice):
 
 
 @dataclass(frozen=True)
-class _Where:
+class Where:
     """Where a part's units live: a node's weight (and its unit axis) or a tensor (and its unit axis)."""
 
     node: onnx.NodeProto | None
@@ -47,14 +47,14 @@ def importance(graph: Graph, method: Importance | str,
                calibration: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per region name, one score per unit (index = unit)."""
     method = Importance.parse(method, "--importance")
-    places = {r.name: [_locate(graph, r, p) for p in r.parts] for r in graph.regions}
+    places = {r.name: [locate(graph, r, p) for p in r.parts] for r in graph.regions}
     if method is Importance.WEIGHT:
         return {r.name: _scores(r, [_weight_scores(w, len(p.units)) for p, w in zip(r.parts, places[r.name])])
                 for r in graph.regions}
     if calibration is None:
         raise ValueError("activation importance needs a calibration batch")
     wanted = sorted({w.tensor for ws in places.values() for w in ws})
-    values = _run_with_outputs(graph.model, calibration, wanted)
+    values = run_model(exposing(graph.model, wanted), calibration)
     return {r.name: _scores(r, [_activation_scores(values[w.tensor], w.tensor_axis, len(p.units))
                                 for p, w in zip(r.parts, places[r.name])]) for r in graph.regions}
 
@@ -66,7 +66,7 @@ def _scores(region: Region, per_part: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _locate(graph: Graph, region: Region, part: Part) -> _Where:
+def locate(graph: Graph, region: Region, part: Part) -> Where:
     nodes = {n.name: n for n in graph.model.graph.node}
     weights = {t.name: t for t in graph.model.graph.initializer}
     if region.combine is Combine.SUM:
@@ -74,12 +74,12 @@ def _locate(graph: Graph, region: Region, part: Part) -> _Where:
         w = _weight(exit_node, weights)
         axis = 0 if w is None else weight_axes(exit_node, w.ndim)[1]
         tensor_axis = 1 if exit_node.op_type == "Conv" else -1
-        return _Where(exit_node, w, axis, exit_node.input[0], tensor_axis)
+        return Where(exit_node, w, axis, exit_node.input[0], tensor_axis)
     head = nodes[part.nodes[0]]
     spatial = region.kind.spatial or head.op_type not in WEIGHTED
     w = None if spatial else _weight(head, weights)
     axis = 0 if w is None else weight_axes(head, w.ndim)[0]
-    return _Where(head, w, axis, part.output, region.axis)
+    return Where(head, w, axis, part.output, region.axis)
 
 
 def _weight(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
@@ -88,7 +88,7 @@ def _weight(node: onnx.NodeProto, weights: Mapping[str, onnx.TensorProto]) -> np
     return numpy_helper.to_array(weights[node.input[1]])
 
 
-def _weight_scores(where: _Where, units: int) -> np.ndarray:
+def _weight_scores(where: Where, units: int) -> np.ndarray:
     if where.weight is None:
         return np.ones(units)
     return _grouped(np.moveaxis(where.weight, where.weight_axis, 0) ** 2, units, np.sum) ** 0.5
@@ -104,13 +104,3 @@ def _grouped(a: np.ndarray, units: int, reduce) -> np.ndarray:
         raise ValueError(f"expected the unit axis ({a.shape[0]}) to divide into {units} units")
     grouped = a.reshape(units, -1)
     return np.asarray(reduce(grouped, axis=1), dtype=np.float64)
-
-
-def _run_with_outputs(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray],
-                      tensors: list[str]) -> dict[str, np.ndarray]:
-    """Run the model with `tensors` exposed as extra outputs."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in have)
-    return run_whole_model(probe, inputs)

@@ -13,11 +13,12 @@ import numpy as np
 from edgesplit.cluster import Cluster
 from edgesplit.errors import InputError
 from edgesplit.graph import load
-from edgesplit.layout import Strategy
+from edgesplit.layout import Fill, Strategy
 from edgesplit.plan import Plan
 from edgesplit.planner import layout
 from edgesplit.robust import data, report
 from edgesplit.robust.evaluate import Row, Samples, Study, prepare
+from edgesplit.robust.fills import mean_fills
 from edgesplit.robust.importance import Importance, importance
 from edgesplit.robust.policies import Policy, check_fractions
 
@@ -38,6 +39,7 @@ class Request:
     strategy: Strategy = Strategy.HORIZONTAL
     metric: str | None = None
     f: int = 1  # failures k-of-n tolerates
+    fill: Fill = Fill.ZEROS
 
 
 @dataclass(frozen=True)
@@ -73,17 +75,20 @@ def prepare_request(req: Request) -> Prepared:
         check_fractions(r, rewritten.regions)
     samples = data.read_samples(req.data, tuple(source.tensors[n] for n in source.inputs))
     calibration, samples = _calibration(req, source, samples)
+    if req.fill is Fill.MEAN:
+        rewritten = mean_fills(rewritten, dict(calibration.inputs))
     study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric)
     log.info("metric: %s; %d evaluated samples; failure sets over %s%s", study.metric.value, len(samples),
              [d for d in req.cluster.names if d not in study.fatal],
              f" (left out, their loss is fatal: {list(study.fatal)})" if study.fatal else "")
     ranked = any(p in (Policy.VITAL, Policy.RANDOM, Policy.K_OF_N) for p in req.policies)
-    scores = importance(rewritten, req.importance, calibration and dict(calibration.inputs)) if ranked else None
+    activation = calibration and dict(calibration.inputs) if req.importance is Importance.ACTIVATION else None
+    scores = importance(rewritten, req.importance, activation) if ranked else None
     return Prepared(study, configs(req.policies, req.rs), scores)
 
 
 def _calibration(req: Request, source, samples: Samples) -> tuple[Samples | None, Samples]:
-    if req.importance is not Importance.ACTIVATION:
+    if req.importance is not Importance.ACTIVATION and req.fill is not Fill.MEAN:
         return None, samples
     if req.calibration is not None:
         return data.read_samples(req.calibration, tuple(source.tensors[n] for n in source.inputs), False), samples

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgesplit.errors import DeviceFailedError, PlanError
-from edgesplit.layout import Combine, Part, Region, ReplicaMode
+from edgesplit.layout import Combine, Fill, Part, Region, ReplicaMode
 from edgesplit.plan import Plan
 from edgesplit.runtime.stages import Declared, StageSpec, bind_dims, declared, stage_specs
 
@@ -34,7 +34,8 @@ class StandIn:
 
     Concat: each piece is placed at its positions along `axis`; Sum: the pieces' partial sums are added (a lost
     unit contributes zeros); Max: the pieces' maxima. With no pieces, the output is filled whole from its declared
-    type (symbolic dims bound per request).
+    type (symbolic dims bound per request). A region with fill "mean" puts each filled unit's calibrated mean in
+    place of the zeros (Concat) or adds its mean contribution (Sum).
     """
 
     tensor: str
@@ -46,15 +47,20 @@ class StandIn:
     shape: tuple[int | str | None, ...]
     filled: tuple[int, ...]  # positions no piece holds
     siblings: tuple[str, ...] = ()  # the region's other part outputs: they give dimensions the inputs do not bind
+    fill_values: tuple[tuple[float, ...], ...] = ()  # fill "mean": the calibrated value of each filled position
+    fill_axis: int = 1  # Sum: the axis of the output the values lie along
 
     @property
     def degraded(self) -> bool:
         return bool(self.filled)
 
     def array(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
+        return self._filled(self._rebuilt(pieces, dims or {}))
+
+    def _rebuilt(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> np.ndarray:
         got = [pieces[p.tensor] for p in self.pieces]
         if not got:
-            return np.zeros(self._shape(dims or {}, pieces), dtype=self.dtype)
+            return np.zeros(self._shape(dims, pieces), dtype=self.dtype)
         if self.combine is Combine.SUM:
             return np.sum(got, axis=0, dtype=self.dtype) if len(got) > 1 else got[0]
         if self.combine is Combine.MAX:
@@ -69,6 +75,26 @@ class StandIn:
             index[self.axis] = list(piece.positions)
             out[tuple(index)] = value
         return out
+
+    def _filled(self, out: np.ndarray) -> np.ndarray:
+        """Zeros are there already; calibrated means replace them (Concat) or are added (Sum)."""
+        if not self.fill_values:
+            return out
+        out = out.copy() if not out.flags.writeable else out
+        if self.combine is Combine.CONCAT:  # one value per unit, or one per unit and channel (`fill_axis`)
+            index = [slice(None)] * out.ndim
+            index[self.axis] = list(self.filled)
+            values = np.array(self.fill_values, dtype=out.dtype)  # [filled units, 1 or channels]
+            shape = [1] * out.ndim
+            shape[self.axis] = len(self.filled)
+            if values.shape[1] > 1:
+                shape[self.fill_axis] = values.shape[1]
+                values = values if self.axis % out.ndim < self.fill_axis % out.ndim else values.T
+            out[tuple(index)] = values.reshape(shape)
+            return out
+        shape = [1] * out.ndim
+        shape[self.fill_axis] = -1
+        return out + np.sum(self.fill_values, axis=0, dtype=out.dtype).reshape(shape)
 
     def _shape(self, dims: Mapping[str, int], values: Mapping[str, np.ndarray]) -> tuple[int, ...]:
         shape = [d if isinstance(d, int) else dims.get(d) if d else None for d in self.shape]
@@ -157,9 +183,12 @@ def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]
     if d is None and not pieces:
         raise PlanError(f"cannot fill missing part {lost.part.output!r}: no stage declares its type")
     filled = tuple(i for u, i in position.items() if u not in have)
-    return StandIn(lost.part.output, lost.region.combine, lost.region.axis, len(lost.part.units), tuple(pieces),
+    region = lost.region
+    means = tuple(region.fill_values[u] for u in lost.part.units if u not in have) \
+        if region.fill is Fill.MEAN and region.fill_values else ()
+    return StandIn(lost.part.output, region.combine, region.axis, len(lost.part.units), tuple(pieces),
                    d.dtype if d else "float32", d.shape if d else (), filled,
-                   tuple(p.output for p in lost.region.parts if p is not lost.part))
+                   tuple(p.output for p in region.parts if p is not lost.part), means, region.fill_axis)
 
 
 def _fill_one(pending: list[StageSpec], part_of: Mapping[str, _Lost], available: set[str],
