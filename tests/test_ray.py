@@ -485,3 +485,17 @@ def test_killing_a_part_with_hot_and_standby_replicas_degrades_only_its_uncovere
     # part A lost: units 0-1 from dev2's standby replica, 3 from dev3's hot one, only unit 2 filled
     for a, x in after:
         np.testing.assert_allclose(a.outputs["y"], reference.run(x).outputs["y"], rtol=1e-6, atol=1e-7)
+
+
+def test_devices_check_the_plan_signature_with_their_own_key(ray_instance, tmp_path):
+    """The plan is signed, and loaded, with a key the devices lack: they have the suite's ($EDGESPLIT_KEY_FILE, in
+    their environment), and each refuses before it loads a stage (issue 14, point 2; see test_signing.py)."""
+    from test_signing import _other_key, _plan
+
+    import edgesplit
+
+    other = _other_key(tmp_path)
+    plan = edgesplit.Plan.load(_plan(tmp_path, key=other), key=other)
+    with pytest.raises(EdgesplitError, match=f"device 'dev0' refuses its stages: the plan is signed with key id "
+                                             f"{other.key_id}, but this device's key is key id "):
+        executor(plan, threads=1)
