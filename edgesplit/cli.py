@@ -110,18 +110,35 @@ def _dims(values: tuple[str, ...]) -> dict[str, int]:
     return dims
 
 
+_KEY_FILE = click.option("--key-file", type=click.Path(path_type=Path),
+                         help="The key plans are signed with (default: $EDGESPLIT_KEY_FILE, else the Ray auth token).")
+
+
+def _signed_plans(f):
+    """--key-file and --trust-unsigned, for commands that load a plan."""
+    f = click.option("--trust-unsigned", is_flag=True,
+                     help="Load a plan that is unsigned or not signed with the key (only one you trust).")(f)
+    return _KEY_FILE(f)
+
+
+def _load_plan(plan_dir: Path, key_file: Path | None, trust_unsigned: bool):
+    from edgesplit.plan import Plan
+    from edgesplit.signing import find_key
+
+    return Plan.load(plan_dir, key=find_key(key_file), trust_unsigned=trust_unsigned)
+
+
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for byte counts, NAME=SIZE.")
-def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
+@_signed_plans
+def inspect(source: Path, as_json: bool, dims: tuple[str, ...], key_file: Path | None, trust_unsigned: bool) -> None:
     """Show the layers of a model (or the stages of a plan directory)."""
     from edgesplit import report
 
     if source.is_dir():
-        from edgesplit.plan import Plan
-
-        plan = Plan.load(source)
+        plan = _load_plan(source, key_file, trust_unsigned)
         if as_json:
             click.echo(json.dumps({"devices": report.device_summary(plan), "region_summary": report.region_rows(plan),
                                    **plan.to_dict()}, indent=1))
@@ -161,8 +178,10 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...]) -> None:
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
 @click.option("--force", is_flag=True, help="Replace the plan already in --output (other files there are kept).")
+@_KEY_FILE
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, horizontal: Path | None,
-              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str, force: bool) -> None:
+              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str, force: bool,
+              key_file: Path | None) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
@@ -170,10 +189,12 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     from edgesplit.place import load_mapping
     from edgesplit.plandir import check_target
     from edgesplit.runtime.stages import check_loadable
+    from edgesplit.signing import find_key
 
     if horizontal and not mapping:
         raise EdgesplitError("--horizontal FILE is one half of AutoDiCE's hybrid pair: expected --mapping FILE too")
     check_target(output, force)
+    key = find_key(key_file)
     the_cluster = _cluster(devices, cluster) if devices or cluster or not mapping else None
     the_mapping = load_mapping(mapping) if mapping else None
     graph = load(model, dims=_dims(dims))
@@ -184,7 +205,11 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
     check_loadable(plan)
-    plan.save(output, force=force)
+    plan.save(output, force=force, key=key)
+    logging.getLogger("edgesplit").info(
+        f"signed the plan (plan.sig) with {key.describe()}" if key else
+        "no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): wrote an unsigned plan, which run, verify "
+        "and inspect load only with --trust-unsigned")
     console.print(report.plan_table(plan))
     if plan.regions:
         console.print(report.region_table(plan))
@@ -210,24 +235,26 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
                    "and each chunk of N gets N times the deadline.")
 @click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
               help="ray: seconds to wait for every device's actor to start (a note every 5 s says who is late).")
+@_signed_plans
 def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
         backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int,
-        start_timeout: float) -> None:
+        start_timeout: float, key_file: Path | None, trust_unsigned: bool) -> None:
     """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
-    from edgesplit.plan import Plan
     from edgesplit.runtime.local import LocalExecutor
+    from edgesplit.signing import find_key
 
     if (input_path is None) == (stream_path is None):
         raise EdgesplitError("expected exactly one of --input FILE.npz or --stream FILE.npz|DIR")
     check_answers_path(output)
-    plan = Plan.load(plan_dir)
+    plan = _load_plan(plan_dir, key_file, trust_unsigned)
     if stream_path is not None or backend == Backend.RAY:
         from edgesplit.runtime import streamio
 
         requests = streamio.read_requests(stream_path) if stream_path else [read_npz(input_path)]
         streamio.check_requests(plan, requests)
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
-                                              deadline, dataplane, chunk, start_timeout)
+                                              deadline, dataplane, chunk, start_timeout, find_key(key_file),
+                                              trust_unsigned)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
         for message, count in streamio.describe_failures(answers).items():
             say(err_console, f"{count} request(s) failed:", "red", message)
@@ -246,16 +273,17 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
 @click.option("--input", "input_path", type=click.Path(path_type=Path), help=".npz inputs (default: random).")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance (max error / max |ref|).")
 @click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension for random inputs, NAME=SIZE.")
-def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rtol: float, dims: tuple[str, ...]) -> None:
+@_signed_plans
+def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rtol: float, dims: tuple[str, ...],
+           key_file: Path | None, trust_unsigned: bool) -> None:
     """Compare a plan's outputs with the whole source model's."""
     from rich.table import Table
 
     from edgesplit.graph import load
     from edgesplit.runtime.local import verify as do_verify
-    from edgesplit.plan import Plan
     from edgesplit.runtime.common import random_inputs
 
-    plan = Plan.load(plan_dir)
+    plan = _load_plan(plan_dir, key_file, trust_unsigned)
     source = model_path or _recorded_model(plan_dir, plan)
     graph = load(source)
     if graph.sha256 != plan.model_sha256:
@@ -282,13 +310,13 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 @click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
+@_signed_plans
 def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,
-             address: str | None, threads: int | None) -> None:
+             address: str | None, threads: int | None, key_file: Path | None, trust_unsigned: bool) -> None:
     """Greedy text generation with a decoder plan; each stage keeps its own KV cache."""
-    from edgesplit.plan import Plan
     from edgesplit.runtime.generate import find_tokenizer, generate as do_generate, load_tokenizer
 
-    plan = Plan.load(plan_dir)
+    plan = _load_plan(plan_dir, key_file, trust_unsigned)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
     gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address)
     console.print(prompt, end="", markup=False, highlight=False)

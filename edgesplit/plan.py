@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections import defaultdict
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper
 
-from edgesplit import plandir
+from edgesplit import plandir, signing
 from edgesplit.cluster import Cluster
 from edgesplit.errors import PlanError
 from edgesplit.graph import Graph, TensorInfo, node_references, sha256_file
@@ -72,6 +73,7 @@ class Plan:
     stage_models: Mapping[str, bytes] = field(repr=False, compare=False)
     regions: tuple[Region, ...] = ()
     model_path: str = ""
+    seal: signing.Seal | None = field(default=None, repr=False, compare=False)  # set when loaded signed
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -175,12 +177,32 @@ class Plan:
         """Stages in an order where every stage comes after the stages it reads from."""
         return tuple(self.stages)  # cut() emits them topologically; validate() checks acyclicity
 
-    def save(self, directory: str | Path, force: bool = False) -> Path:
-        """Write plan.json and one ONNX file per stage, nothing half-written on failure. Files in the directory that
-        are not the plan's are kept; an existing plan is replaced only with `force`."""
+    def save(self, directory: str | Path, force: bool = False, key: signing.Key | None = None) -> Path:
+        """Write plan.json and one ONNX file per stage (and plan.sig, signed with `key`, else the key
+        `signing.find_key` finds; unsigned without one), nothing half-written on failure. Files in the directory
+        that are not the plan's are kept; an existing plan is replaced only with `force`."""
         files = {s.file: self.stage_models[s.name] for s in self.stages}
         files[plandir.PLAN_FILE] = json.dumps(self.to_dict(), indent=1).encode()
+        key = key or signing.find_key()
+        if key is not None:
+            files[signing.SIG_FILE] = signing.signature(key, files[plandir.PLAN_FILE], self._file_hashes())
         return plandir.write(Path(directory), files, force)
+
+    def _file_hashes(self) -> dict[str, str]:
+        """The manifest's files: each stage file's sha256 as `save` writes it, and each external data file's as
+        plan.json records it."""
+        return {s.file: hashlib.sha256(self.stage_models[s.name]).hexdigest() for s in self.stages} | {
+            n: h for s in self.stages for n, h in s.external_data.items()}
+
+    def device_seal(self, key: signing.Key | None = None) -> signing.Seal | None:
+        """What each device checks its stages against: the signature the plan was loaded with, else (a plan built
+        or accepted in this process) one made with `key` or the key found here; None without a key."""
+        if self.seal is not None:
+            return self.seal
+        key = key or signing.find_key()
+        if key is None:
+            return None
+        return signing.sealed(key, json.dumps(self.to_dict(), indent=1).encode(), self._file_hashes())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,14 +235,20 @@ class Plan:
         }
 
     @staticmethod
-    def load(directory: str | Path) -> Plan:
-        """Read a plan directory and refuse it if any stage file is missing, stale or tampered with."""
+    def load(directory: str | Path, key: signing.Key | None = None, trust_unsigned: bool = False) -> Plan:
+        """Read a plan directory and refuse it if it is not signed with `key` (else the key `signing.find_key`
+        finds; `trust_unsigned`: a warning instead), or if any stage file is missing, stale or tampered with."""
         directory = Path(directory)
         path = directory / "plan.json"
         if not path.is_file():
             raise PlanError(f"expected a plan directory containing plan.json, got {str(directory)!r}")
+        plan_json = path.read_bytes()
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(plan_json)
+        except ValueError as exc:
+            raise PlanError(f"{path} is not a valid plan: not JSON ({type(exc).__name__}: {exc})") from None
+        seal = signing.check_directory(directory, plan_json, d, key or signing.find_key(), trust_unsigned)
+        try:
             if wrong := plandir.field_problems(d):
                 raise PlanError(f"{path} is not a valid plan:\n  " + "\n  ".join(wrong))
             regions = _regions(d, path)
@@ -242,6 +270,7 @@ class Plan:
                 stage_models=plan_models,
                 regions=regions,
                 model_path=d["model"].get("path", ""),
+                seal=seal and dataclasses.replace(seal, inlined=frozenset(s.name for s in stages if s.external_data)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PlanError(f"{path} is not a valid plan: missing or malformed field ({type(exc).__name__}: {exc})") from None

@@ -14,6 +14,7 @@ from edgesplit.errors import PlanError
 from edgesplit.files import replace_files
 
 PLAN_FILE = "plan.json"
+SIG_FILE = "plan.sig"  # edgesplit.signing writes it
 
 
 def _plain(name: object) -> bool:
@@ -21,16 +22,16 @@ def _plain(name: object) -> bool:
 
 
 def owned_files(directory: Path, with_external_data: bool = True) -> set[str]:
-    """The files of the plan in `directory`: plan.json and the stage files (and external data files) it names; empty
-    without plan.json. A plan.json that cannot be read owns only itself."""
+    """The files of the plan in `directory`: plan.json, plan.sig and the stage files (and external data files)
+    plan.json names; empty without plan.json. A plan.json that cannot be read owns only itself and plan.sig."""
     path = directory / PLAN_FILE
     if not path.is_file():
         return set()
     try:
         stages = json.loads(path.read_text()).get("stages")
     except (OSError, ValueError, AttributeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return {PLAN_FILE}
-    names = {PLAN_FILE}
+        return {PLAN_FILE, SIG_FILE}
+    names = {PLAN_FILE, SIG_FILE}
     for s in stages if isinstance(stages, list) else []:
         if not isinstance(s, dict):
             continue

@@ -8,6 +8,34 @@ import numpy as np
 import pytest
 
 ZOO = ("resnet", "densenet", "vgg", "mobilenet", "inception")
+
+
+def _session_key() -> Path:
+    """The suite's plan-signing key: every plan a test saves is signed with it and loads checked against it
+    ($EDGESPLIT_KEY_FILE, set before any Ray instance starts, so device actors have it too)."""
+    import atexit
+    import os
+    import secrets
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="edgesplit-test-key-"))
+    atexit.register(shutil.rmtree, directory, True)
+    path = directory / "plan.key"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    os.environ["EDGESPLIT_KEY_FILE"] = str(path)
+    return path
+
+
+SESSION_KEY = _session_key()
+
+
+def resign(plan_dir: Path) -> Path:
+    """Sign a plan a test changed on purpose, so that Plan.load reaches the check the test is about."""
+    from edgesplit.signing import find_key, sign_directory
+
+    return sign_directory(Path(plan_dir), find_key(SESSION_KEY))
 PLAN_SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
 
 

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgesplit
+from conftest import resign
 from edgesplit.cli import main
 from edgesplit.cluster import Cluster
 from edgesplit.errors import ClusterError, InputError, MappingError, PlacementError, PlanError
@@ -116,12 +117,15 @@ def test_tampered_or_missing_stage_file_is_refused(zoo_graphs, tmp_path: Path):
     plan.save(tmp_path / "p")
     stage_file = tmp_path / "p" / plan.stages[1].file
     stage_file.write_bytes(stage_file.read_bytes() + b"\x00")
-    with pytest.raises(PlanError, match=f"stage {plan.stages[1].name!r}: its ONNX file's sha256 does not match"):
+    with pytest.raises(PlanError, match=f"signature does not match its files \\({stage_file.name}: signed sha256"):
         edgesplit.Plan.load(tmp_path / "p")
     result = _cli("run", tmp_path / "p", "--input", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
     assert result.exit_code == 2 and "does not match" in result.output and "Traceback" not in result.output
+    resign(tmp_path / "p")  # signed as it is now: the sha256 plan.json gives it still refuses it
+    with pytest.raises(PlanError, match=f"stage {plan.stages[1].name!r}: its ONNX file's sha256 does not match"):
+        edgesplit.Plan.load(tmp_path / "p")
     stage_file.unlink()
-    with pytest.raises(PlanError, match="is missing"):
+    with pytest.raises(PlanError, match=f"{stage_file.name}: signed sha256 .*, found missing"):
         edgesplit.Plan.load(tmp_path / "p")
     with pytest.raises(PlanError, match="expected a plan directory containing plan.json"):
         edgesplit.Plan.load(tmp_path)

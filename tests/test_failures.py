@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 import edgesplit
+from conftest import resign
 from edgesplit.bench import zoo
 from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError, PlanError
@@ -163,6 +164,7 @@ def test_malformed_regions_are_refused_at_load(horizontal, tmp_path, edit, messa
     d = json.loads(path.read_text())
     edit(d["regions"][0])
     path.write_text(json.dumps(d))
+    resign(path.parent)
     with pytest.raises(PlanError, match=message):
         edgesplit.Plan.load(tmp_path / "plan")
 

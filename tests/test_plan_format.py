@@ -7,7 +7,7 @@ import hashlib
 import json
 
 import pytest
-from conftest import schema_problems
+from conftest import resign, schema_problems
 
 import edgesplit
 from edgesplit.cluster import Cluster
@@ -54,6 +54,7 @@ def test_format_1_without_regions_loads_and_with_regions_says_what_to_do(zoo_gra
         assert d["format"] == FORMAT
         d["format"] = "edgesplit-plan/1"
         path.write_text(json.dumps(d))
+        resign(path.parent)
     assert edgesplit.Plan.load(tmp_path / "vertical").stages == plain.stages
     with pytest.raises(PlanError, match="format-1 plan .* Re-create the plan with `edgesplit partition`"):
         edgesplit.Plan.load(tmp_path / "horizontal")
@@ -81,6 +82,7 @@ def _with_external_weights(plan_dir, location: str) -> str:
     (plan_dir / "w.bin").rename(plan_dir / location)
     stage["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()  # the hash updated too
     (plan_dir / "plan.json").write_text(json.dumps(d))
+    resign(plan_dir)
     return stage["name"]
 
 
@@ -104,6 +106,7 @@ def test_a_stage_cannot_read_files_outside_its_plan(zoo_graphs, tmp_path, monkey
     d["stages"][0]["external_data"] = {"weights.bin": hashlib.sha256((tmp_path / "q" / "weights.bin").read_bytes())
                                        .hexdigest()}
     path.write_text(json.dumps(d))
+    resign(path.parent)
     monkeypatch.chdir("/")
     loaded = edgesplit.Plan.load(tmp_path / "q")
     x = {t.name: __import__("numpy").ones([1 if isinstance(s, str) else s for s in t.shape], dtype=t.dtype)
@@ -112,6 +115,7 @@ def test_a_stage_cannot_read_files_outside_its_plan(zoo_graphs, tmp_path, monkey
     ref = edgesplit.LocalExecutor(plan).run(x).outputs
     assert all((out[k] == ref[k]).all() for k in ref)
     (tmp_path / "q" / "weights.bin").write_bytes(b"\0" * 16)
+    resign(tmp_path / "q")  # as if signed so: the hash plan.json gives it still refuses it
     with pytest.raises(PlanError, match="sha256 does not match"):
         edgesplit.Plan.load(tmp_path / "q")
 
@@ -122,6 +126,7 @@ def test_a_stage_name_cannot_climb_out_of_the_plan(replicated, tmp_path):
     d = json.loads(path.read_text())
     d["stages"][0]["name"] = "../../x"
     path.write_text(json.dumps(d))
+    resign(path.parent)
     with pytest.raises(PlanError, match="not a plain file name"):
         edgesplit.Plan.load(tmp_path / "p")
 
@@ -135,6 +140,7 @@ def test_a_stage_swapped_for_another_is_refused_even_with_its_hash_updated(zoo_g
     (tmp_path / "p" / first["file"]).write_bytes((tmp_path / "p" / last["file"]).read_bytes())
     first["sha256"] = last["sha256"]
     path.write_text(json.dumps(d))
+    resign(path.parent)
     with pytest.raises(PlanError, match=f"stage {first['name']!r}: its file reads .* but plan.json says"):
         edgesplit.Plan.load(tmp_path / "p")
 
@@ -145,5 +151,6 @@ def test_a_transfer_naming_a_missing_stage_is_refused(replicated, tmp_path):
     d = json.loads(path.read_text())
     d["transfers"][0]["dst"] = "s99_nowhere"
     path.write_text(json.dumps(d))
+    resign(path.parent)
     with pytest.raises(PlanError, match="names stage 's99_nowhere', which the plan lacks"):
         edgesplit.Plan.load(tmp_path / "p")

@@ -500,3 +500,17 @@ def test_device_start_up_is_noted_while_it_lasts_and_bounded_by_the_start_timeou
                for r in caplog.records)
     with pytest.raises(EdgesplitError, match=r"not ready within 0.001 s .*--start-timeout"):
         executor(plans["vertical2"], ready_timeout=0.001)
+
+
+def test_devices_check_the_plan_signature_with_their_own_key(ray_instance, tmp_path):
+    """The plan is signed, and loaded, with a key the devices lack: they have the suite's ($EDGESPLIT_KEY_FILE, in
+    their environment), and each refuses before it loads a stage (issue 14, point 2; see test_signing.py)."""
+    from test_signing import _other_key, _plan
+
+    import edgesplit
+
+    other = _other_key(tmp_path)
+    plan = edgesplit.Plan.load(_plan(tmp_path, key=other), key=other)
+    with pytest.raises(EdgesplitError, match=f"device 'dev0' refuses its stages: the plan is signed with key id "
+                                             f"{other.key_id}, but this device's key is key id "):
+        executor(plan, threads=1)

@@ -58,7 +58,7 @@ def test_partition_onto_a_plan_needs_force_and_keeps_other_files(tiny, plan_dir)
     assert forced.exit_code == 0, forced.output
     plan = edgesplit.Plan.load(plan_dir)
     assert [s.file for s in plan.stages] == ["s0_dev0.onnx"]  # the old plan's second stage file is gone
-    assert sorted(p.name for p in plan_dir.iterdir()) == ["my_notes.txt", "plan.json", "s0_dev0.onnx"]
+    assert sorted(p.name for p in plan_dir.iterdir()) == ["my_notes.txt", "plan.json", "plan.sig", "s0_dev0.onnx"]
     assert (plan_dir / "my_notes.txt").read_text() == "keep me"
 
 
@@ -144,7 +144,7 @@ def test_ctrl_c_while_starting_is_one_line(tmp_path):
 
 
 def test_ctrl_c_in_a_command_is_one_line(plan_dir, tmp_path, monkeypatch):
-    def interrupted(directory):
+    def interrupted(directory, **_):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(edgesplit.Plan, "load", staticmethod(interrupted))
@@ -161,7 +161,7 @@ def test_bracketed_text_reaches_the_user_as_written(plan_dir, tmp_path, monkeypa
     assert "input 'x': expected shape [batch, 3, 8, 8], got [1, 3, 7, 8] (axis 2)" in result.output, result.output
     message = "expected shape [1, 3, 224, 224], got [1, 3, 100, 224]; [bold]not bold[/bold] [link=x]y[/link] \\[z]"
 
-    def refuse(directory):
+    def refuse(directory, **_):
         raise EdgesplitError(message)
 
     monkeypatch.setattr(edgesplit.Plan, "load", staticmethod(refuse))

@@ -31,6 +31,7 @@ from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router, RunReport,
                                         Tally)
 from edgesplit.runtime.rayworker import DeviceWorker
+from edgesplit.signing import Key
 
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
 WARMUP_TIMEOUT = 120.0
@@ -44,11 +45,13 @@ COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before 
 
 
 class RayExecutor:
-    """Deploys a Plan on Ray (a cluster at `address`, else a local instance simulating the plan's devices)."""
+    """Deploys a Plan on Ray (a cluster at `address`, else a local instance simulating the plan's devices). Each
+    device checks the plan's signature with its own key before it loads a stage (`signing.check_stages`)."""
 
     def __init__(self, plan: Plan, address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
                  deadline: float = 30.0, dataplane: Dataplane | str = Dataplane.AUTO, rejoin_interval: float | None = 1.0,
-                 connect_timeout: float = 10.0, ready_timeout: float = START_TIMEOUT, ping_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 10.0, ready_timeout: float = START_TIMEOUT, ping_timeout: float = 5.0,
+                 key: Key | None = None, trust_unsigned: bool = False) -> None:
         try:
             plane = Dataplane.parse(dataplane, "dataplane")
         except ValueError as exc:
@@ -59,6 +62,8 @@ class RayExecutor:
         if problems:
             raise PlanError("refusing an invalid plan:\n  " + "\n  ".join(problems))
         self.plan = plan
+        self.seal = plan.device_seal(key)
+        self.trust_unsigned = trust_unsigned
         self.router = Router(plan, allow_degraded)
         self.deadline = deadline
         self.ping_timeout = min(ping_timeout, deadline)  # a live device answers a ping at once, even when busy
@@ -90,7 +95,7 @@ class RayExecutor:
         threads = self.threads or self.plan.cluster.device(device).cores
         pinned = DeviceWorker.options(resources={raycluster.resource(device): 0.001})
         return pinned.remote(device, self._models[device], threads, self.cpus.get(device, ()),
-                             self.plan.cluster.device(device).providers)
+                             self.plan.cluster.device(device).providers, self.seal, self.trust_unsigned)
 
     def _wait_ready(self, timeout: float) -> None:
         """Every device's actor answers a ping within `timeout` seconds; a note every few seconds says who is late."""

@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import ray
 
+from edgesplit.errors import EdgesplitError
 from edgesplit.runtime.common import CPU, device_providers, session_options
 from edgesplit.runtime.failures import StandIn
+from edgesplit.signing import Seal, check_stages, find_key
 
 
 # Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
@@ -28,12 +30,21 @@ class DeviceWorker:
     a running stage (own concurrency group), so a busy device is told apart from a silent one."""
 
     def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
-                 threads: int, cpus: tuple[int, ...] = (), providers: tuple[str, ...] = ()) -> None:
+                 threads: int, cpus: tuple[int, ...] = (), providers: tuple[str, ...] = (),
+                 seal: Seal | None = None, trust_unsigned: bool = False) -> None:
         import psutil
 
+        self.device = device
+        self.refusal: EdgesplitError | None = None
+        # with this node's own key, before any stage is parsed; `ping` raises a refusal, so that the driver gets
+        # it whole (Ray keeps only the text of an error raised here)
+        try:
+            check_stages(device, seal, {name: model for name, _, _, model in stages}, find_key(), trust_unsigned)
+        except EdgesplitError as exc:
+            self.refusal = exc
+            return
         if cpus:
             _pin(cpus)
-        self.device = device
         self.process = psutil.Process()
         self.uss_start = self.process.memory_full_info().uss
         _start_onnxruntime(threads)
@@ -77,6 +88,8 @@ class DeviceWorker:
 
     @ray.method(concurrency_group="health")
     def ping(self) -> str:
+        if self.refusal is not None:
+            raise self.refusal
         return self.device
 
     def set_channel_bytes(self, nbytes: int) -> None:

@@ -22,6 +22,7 @@ from edgesplit.files import check_new_file, save_npz
 from edgesplit.layout import Backend
 from edgesplit.plan import Plan
 from edgesplit.plandir import owned_files
+from edgesplit.signing import Key
 from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import RunReport, Tally
 
@@ -102,8 +103,8 @@ def stream_local(plan: Plan, requests: list[dict[str, np.ndarray]], tally: Tally
 
 def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Console, backend: str = "local",
                address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
-               deadline: float = 30.0, dataplane: str = "auto", chunk: int = 1,
-               start_timeout: float = 180.0) -> tuple[list[RunResult | EdgesplitError], RunReport]:
+               deadline: float = 30.0, dataplane: str = "auto", chunk: int = 1, start_timeout: float = 180.0,
+               key: Key | None = None, trust_unsigned: bool = False) -> tuple[list[RunResult | EdgesplitError], RunReport]:
     """Answers in request order and the run's report; a progress bar while it runs."""
     answers: list[RunResult | EdgesplitError] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -114,7 +115,8 @@ def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Conso
             from edgesplit.runtime.ray import RayExecutor
 
             with RayExecutor(plan, address=address, threads=threads, allow_degraded=allow_degraded,
-                             deadline=deadline, dataplane=dataplane, ready_timeout=start_timeout) as ex:
+                             deadline=deadline, dataplane=dataplane, ready_timeout=start_timeout, key=key,
+                             trust_unsigned=trust_unsigned) as ex:
                 session = ex.session(chunk=chunk)
                 tally = session.tally
                 for answer in session.stream(requests):
