@@ -30,6 +30,7 @@ from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router, RunReport,
                                         Tally)
+from edgesplit.runtime.raygraph import CompiledLate, is_channel_error, quiet_teardown
 from edgesplit.runtime.rayworker import DeviceWorker
 from edgesplit.signing import Key
 
@@ -40,7 +41,6 @@ START_NOTE_EVERY = 5.0
 log = logging.getLogger("edgesplit")
 COMPILE_COOLDOWN = 5.0
 TEARDOWN_WAIT = 2.0
-CLOSE_TEARDOWN_WAIT = 2  # seconds; Ray's DAGContext wants an int
 COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before a compiled graph is built again
 
 
@@ -286,7 +286,7 @@ class RayExecutor:
         """Tear the compiled graph down in the background: a silent actor must not stall the driver."""
         if self._compiled is not None:
             dag = self._compiled
-            self._teardown = threading.Thread(target=_quiet_teardown, args=(dag,), daemon=True)
+            self._teardown = threading.Thread(target=quiet_teardown, args=(dag,), daemon=True)
             self._teardown.start()
             self._compile_after = time.monotonic() + (COMPILE_COOLDOWN if cooldown else 0.0)
         self._compiled = None
@@ -308,7 +308,7 @@ class RayExecutor:
 
     def close(self) -> None:
         if self._compiled is not None:  # the actors go too: a loop stuck on a channel must not hold the close up
-            _quiet_teardown(self._compiled, kill_actors=True)
+            quiet_teardown(self._compiled, kill_actors=True)
             self._compiled = None
         for actor in getattr(self, "actors", {}).values():
             ray.kill(actor)
@@ -503,7 +503,7 @@ class Session:
                 # an answer kept by the caller would stall the graph once every buffer is held
                 return [[np.array(a, copy=True) for a in values] for values in ray.get(ref, timeout=left)]
             except (RayChannelTimeoutError, GetTimeoutError) as exc:
-                raise _CompiledLate(str(exc)) from None
+                raise CompiledLate(str(exc)) from None
         step = min(left, self.ex.rejoin_interval) if self.ex.down and self.ex.rejoin_interval else left
         ready, _ = ray.wait(req.outputs, num_returns=len(req.outputs), timeout=step)
         if len(ready) < len(req.outputs):
@@ -516,7 +516,7 @@ class Session:
         lost = self.ex.check(req.route.devices)
         if not lost and compiled:
             pass  # every device answers: retry on actor calls, which can tell which stage stalls or fails
-        elif not lost and not _is_channel_error(exc):
+        elif not lost and not is_channel_error(exc):
             if len(req.ids) > 1:  # one request's failure must not fail the rest of its chunk
                 self._split(req, queue)
                 return
@@ -570,31 +570,6 @@ class Session:
             except (RayError, GetTimeoutError):
                 return spec.device, spec.name
         return "?", "?"
-
-
-class _CompiledLate(RayError):
-    """The compiled graph did not answer within the deadline."""
-
-
-def _is_channel_error(exc: BaseException) -> bool:
-    from ray.exceptions import RayChannelError
-
-    return isinstance(exc, RayChannelError)
-
-
-def _quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
-    from ray.dag import DAGContext
-
-    context = DAGContext.get_current()
-    wait = context.teardown_timeout
-    if kill_actors:  # the actors go anyway: do not wait Ray's 30 s for a loop stuck on a channel first
-        context.teardown_timeout = min(wait, CLOSE_TEARDOWN_WAIT)
-    try:
-        dag.teardown(kill_actors=kill_actors)
-    except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; nothing is left to free
-        pass
-    finally:
-        context.teardown_timeout = wait
 
 
 def _cause_line(exc: BaseException) -> str:
