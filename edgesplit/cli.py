@@ -205,11 +205,16 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
     check_loadable(plan)
+    if key is None:  # a first plan on this machine: make the cluster key a local Ray instance would use
+        from edgesplit.runtime.raynodes import ensure_token
+
+        created = ensure_token()
+        key = find_key(Path(created))
+        logging.getLogger("edgesplit").info(
+            f"no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): created the cluster key {created} "
+            f"(mode 600), which a local Ray instance and `edgesplit device head` use too")
     plan.save(output, force=force, key=key)
-    logging.getLogger("edgesplit").info(
-        f"signed the plan (plan.sig) with {key.describe()}" if key else
-        "no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): wrote an unsigned plan, which run, verify "
-        "and inspect load only with --trust-unsigned")
+    logging.getLogger("edgesplit").info(f"signed the plan (plan.sig) with {key.describe()}")
     console.print(report.plan_table(plan))
     if plan.regions:
         console.print(report.region_table(plan))

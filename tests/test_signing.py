@@ -114,8 +114,14 @@ def test_partition_signs_with_the_key_and_says_which(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     result = _cli("partition", model, "--devices", 2, "-o", tmp_path / "p", "--force")
     assert result.exit_code == 0, result.output
-    assert "note: no key found" in result.output and "wrote an unsigned plan" in result.output
-    assert not (tmp_path / "p" / "plan.sig").exists()  # the old plan's signature went with the old plan
+    token = tmp_path / "home" / ".ray" / "auth_token"  # a first plan here: the cluster key is made, mode 600
+    assert "note: no key found" in result.output and f"created the cluster key {token}" in result.output
+    assert token.stat().st_mode & 0o777 == 0o600
+    assert json.loads((tmp_path / "p" / "plan.sig").read_text())["key_id"] == find_key(token).key_id
+    name = edgesplit.Plan.load(tmp_path / "p", key=find_key(token)).inputs[0].name
+    np.savez(tmp_path / "x.npz", **{name: np.ones((1, 3, 8, 8), dtype=np.float32)})
+    result = _cli("run", tmp_path / "p", "--input", tmp_path / "x.npz", "-o", tmp_path / "y.npz")
+    assert result.exit_code == 0, result.output  # the same machine finds the same key: no flag needed
     missing = _cli("partition", model, "--devices", 2, "-o", tmp_path / "r", "--key-file", tmp_path / "nope")
     assert missing.exit_code == 2 and "expected a key file" in missing.output and not (tmp_path / "r").exists()
 
