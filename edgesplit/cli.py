@@ -209,7 +209,7 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
         from edgesplit.runtime.raynodes import ensure_token
 
         created = ensure_token()
-        key = find_key()
+        key = find_key() or find_key(Path(created))
         logging.getLogger("edgesplit").info(
             f"no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): created the cluster key {created} "
             f"(mode 600), which a local Ray instance and `edgesplit device head` use too")
