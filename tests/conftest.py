@@ -19,6 +19,9 @@ def _session_key() -> Path:
     import shutil
     import tempfile
 
+    existing = os.environ.get("EDGESPLIT_KEY_FILE", "")
+    if "edgesplit-test-key-" in existing and Path(existing).is_file():  # conftest imported again by a test module
+        return Path(existing)
     directory = Path(tempfile.mkdtemp(prefix="edgesplit-test-key-"))
     atexit.register(shutil.rmtree, directory, True)
     path = directory / "plan.key"
@@ -35,7 +38,7 @@ def resign(plan_dir: Path) -> Path:
     """Sign a plan a test changed on purpose, so that Plan.load reaches the check the test is about."""
     from edgesplit.signing import find_key, sign_directory
 
-    return sign_directory(Path(plan_dir), find_key(SESSION_KEY))
+    return sign_directory(Path(plan_dir), find_key())  # the key $EDGESPLIT_KEY_FILE names, as Plan.load uses
 PLAN_SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "plan.schema.json"
 
 
