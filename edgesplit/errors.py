@@ -63,3 +63,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0]
     return line if len(line) <= limit else line[:limit] + "..."
+
+
+def listing(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, and how many more there are."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

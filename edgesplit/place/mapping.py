@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgesplit.cluster import Cluster
-from edgesplit.errors import MappingError
+from edgesplit.errors import MappingError, listing
 from edgesplit.graph import Graph
 from edgesplit.layout import CNN_KINDS, SplitKind
 from edgesplit.place.autodice import interior_points, keys_problem
@@ -190,8 +190,7 @@ def vertical_placement(graph: Graph, cluster: Cluster, vertical: Mapping[str, An
             problems.append(f"layer {layer!r} is assigned to two devices: {devices[0]!r} and {devices[-1]!r}")
     missing = [l.name for l in graph.layers if l.name not in placement and l.name not in covered]
     if missing:
-        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-        problems.append(f"{len(missing)} layer(s) outside the horizontal regions have no device: {shown}")
+        problems.append(f"{len(missing)} layer(s) outside the horizontal regions have no device: {listing(missing)}")
     if problems:
         raise MappingError("invalid hybrid mapping:\n  " + "\n  ".join(dict.fromkeys(problems)))
     return placement

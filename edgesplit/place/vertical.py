@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from edgesplit.cluster import Cluster
-from edgesplit.errors import MappingError, PlacementError
+from edgesplit.errors import MappingError, PlacementError, listing
 from edgesplit.graph import Graph
 from edgesplit.place.autodice import keys_problem, resolve
 
@@ -56,8 +56,7 @@ def from_mapping(graph: Graph, cluster: Cluster, mapping: Any) -> dict[str, str]
                 placement[layer] = device
     unassigned = [n for n in names if n not in placement]
     if unassigned:
-        shown = ", ".join(unassigned[:10]) + (f" and {len(unassigned) - 10} more" if len(unassigned) > 10 else "")
-        problems.append(f"{len(unassigned)} layer(s) are not assigned to any device: {shown}")
+        problems.append(f"{len(unassigned)} layer(s) are not assigned to any device: {listing(unassigned, 10)}")
     if problems:
         raise MappingError("invalid mapping:\n  " + "\n  ".join(dict.fromkeys(problems)))
     return placement

@@ -165,8 +165,8 @@ def route(
     kept = _needed(done, need, stand_ins, regions)
     inputs_kept = {t for k in kept for t in k.inputs}
     used = {t: s for t, s in stand_ins.items() if t in inputs_kept}
-    missing = sorted({part_of[t].part.device for t, s in used.items() if s.degraded} - {None})
-    return Route(tuple(kept), used, tuple(m for m in missing if m is not None))
+    missing = sorted({d for t, s in used.items() if s.degraded and (d := part_of[t].part.device) is not None})
+    return Route(tuple(kept), used, tuple(missing))
 
 
 def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]) -> StandIn:

@@ -455,7 +455,9 @@ class Session:
             for t in spec.inputs:  # a lost part is rebuilt on the device that reads it
                 if t in route.stand_ins and t not in values:
                     s = route.stand_ins[t]
-                    values[t] = ex.actors[spec.device].rebuild.remote(s, dims, *(values[p.tensor] for p in s.pieces))
+                    # with no pieces, a live sibling part gives the dims the inputs do not bind
+                    names = [p.tensor for p in s.pieces] or [n for n in s.siblings if n in values][:1]
+                    values[t] = ex.actors[spec.device].rebuild.remote(s, dims, names, *(values[n] for n in names))
             args = [values[t] for t in spec.inputs]
             k = len(spec.outputs)
             out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args, size=size)

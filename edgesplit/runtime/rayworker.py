@@ -81,10 +81,11 @@ class DeviceWorker:
             [] for _ in self.outputs[stage])
         return per_output[0] if len(per_output) == 1 else per_output
 
-    def rebuild(self, stand_in: StandIn, dims: list[dict[str, int]], *pieces: list[np.ndarray]) -> list[np.ndarray]:
-        """A lost part's output for each request of a chunk, from the replicas' pieces (one list per piece)."""
-        return [stand_in.array({p.tensor: v[i] for p, v in zip(stand_in.pieces, pieces)}, dims[i])
-                for i in range(len(dims))]
+    def rebuild(self, stand_in: StandIn, dims: list[dict[str, int]], names: list[str],
+                *values: list[np.ndarray]) -> list[np.ndarray]:
+        """A lost part's output for each request of a chunk, from the tensors `names` (one list of values each):
+        the replicas' pieces, or a live sibling part that gives the shape."""
+        return [stand_in.array({n: v[i] for n, v in zip(names, values)}, dims[i]) for i in range(len(dims))]
 
     @ray.method(concurrency_group="health")
     def ping(self) -> str:
