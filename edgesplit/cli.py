@@ -121,6 +121,22 @@ def _signed_plans(f):
     return _KEY_FILE(f)
 
 
+def signing_key(key_file: Path | None = None):
+    """The key plans are signed with; on a first plan on this machine, the cluster key a local Ray instance uses."""
+    from edgesplit.signing import find_key
+
+    key = find_key(key_file)
+    if key is None:
+        from edgesplit.runtime.raynodes import ensure_token
+
+        created = ensure_token()
+        key = find_key() or find_key(Path(created))
+        logging.getLogger("edgesplit").info(
+            f"no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): created the cluster key {created} "
+            f"(mode 600), which a local Ray instance and `edgesplit device head` use too")
+    return key
+
+
 def _load_plan(plan_dir: Path, key_file: Path | None, trust_unsigned: bool):
     from edgesplit.plan import Plan
     from edgesplit.signing import find_key
@@ -205,14 +221,7 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
     the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
     check_loadable(plan)
-    if key is None:  # a first plan on this machine: make the cluster key a local Ray instance would use
-        from edgesplit.runtime.raynodes import ensure_token
-
-        created = ensure_token()
-        key = find_key() or find_key(Path(created))
-        logging.getLogger("edgesplit").info(
-            f"no key found (--key-file, $EDGESPLIT_KEY_FILE, Ray auth token): created the cluster key {created} "
-            f"(mode 600), which a local Ray instance and `edgesplit device head` use too")
+    key = key or signing_key()
     plan.save(output, force=force, key=key)
     logging.getLogger("edgesplit").info(f"signed the plan (plan.sig) with {key.describe()}")
     console.print(report.plan_table(plan))
@@ -507,6 +516,11 @@ def device_list(address, timeout, show_all, token_file, no_auth, as_json) -> Non
     if twice:
         say(err_console, "warning:", "bold red", f"device name(s) {twice} are registered by more than one alive node")
 
+
+from edgesplit.search.commands import profile_command, search_command  # noqa: E402 - they use this module's helpers
+
+main.add_command(profile_command)
+main.add_command(search_command)
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,200 @@
+"""`edgesplit profile` and `edgesplit search`: thin over edgesplit.search."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("edgesplit")
+_MODEL = click.argument("model", type=click.Path(path_type=Path))
+_DEVICES = click.option("--devices", type=click.IntRange(min=1), help="Number of identical simulated devices.")
+_CLUSTER = click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML describing the devices.")
+_DIM = click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension, NAME=SIZE.")
+
+
+def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False):
+    """One profile per device kind of the cluster, measured (with a progress bar) or read from the cache."""
+    from rich.progress import Progress
+
+    from edgesplit.cli import err_console
+    from edgesplit.search.profile import kind, profile, threads_of
+
+    kinds = sorted({threads_of(d.cores) for d in cluster.devices})
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("profiling", total=2 * len(kinds))
+        found = {t: profile(graph, t, repeats, not refresh, lambda: progress.advance(task), dims) for t in kinds}
+    here = [d.name for d in cluster.devices if d.speed != 1.0]
+    log.info(f"profiled {', '.join(kind(t) for t in kinds)} on this machine"
+             + (f"; {here} are scaled by their speed (1.0 = this machine)" if here else ""))
+    return found
+
+
+@click.command("profile")
+@_MODEL
+@_DEVICES
+@_CLUSTER
+@_DIM
+@click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Profiled runs per kind.")
+@click.option("--refresh", is_flag=True, help="Measure again even when a cached profile matches.")
+def profile_command(model: Path, devices: int | None, cluster: Path | None, dims: tuple[str, ...], repeats: int,
+                    refresh: bool) -> None:
+    """Per-layer latency of MODEL on each device kind of the cluster (cached beside the model)."""
+    from rich.table import Table
+
+    from edgesplit.cli import _cluster, _dims, console
+    from edgesplit.graph import load
+    from edgesplit.search.profile import cache_path, kind, threads_of
+
+    the_cluster = _cluster(devices, cluster)
+    graph = load(model, dims=_dims(dims))
+    found = _profiles(graph, the_cluster, _dims(dims), repeats, refresh)
+    table = Table(title=f"{graph.name}: {len(graph.layers)} layers")
+    for col in ("device", "kind", "speed", "whole model (ms)", "sum of layers (ms)", "slowest layer"):
+        table.add_column(col)
+    for d in the_cluster.devices:
+        p = found[threads_of(d.cores)]
+        slowest = max(range(len(graph.layers)), key=lambda i: p.layer_seconds[i])
+        table.add_row(d.name, kind(p.threads), f"{d.speed:g}", f"{p.whole_seconds * 1e3 / d.speed:.3f}",
+                      f"{sum(p.layer_seconds) * 1e3 / d.speed:.3f}",
+                      f"{graph.layers[slowest].name} ({p.layer_seconds[slowest] * 1e3 / d.speed:.3f} ms)")
+    console.print(table)
+    for t in found:
+        path = cache_path(graph, t, _dims(dims))
+        if path is not None:
+            console.print(f"cached {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _check_output(output: Path, force: bool) -> None:
+    from edgesplit.errors import InputError
+
+    if output.exists() and not output.is_dir():
+        raise InputError(f"-o: expected a directory for the front and its plans, got the file {output}")
+    if output.is_dir() and any(output.iterdir()):
+        if not (output / "front.json").is_file():
+            raise InputError(f"-o: expected a new or empty directory (or an earlier search's, with --force), but "
+                             f"{output} holds other files")
+        if not force:
+            raise InputError(f"{output} already holds a search (front.json); pass --force to replace it (only "
+                             "front.json, front.png and the plans it wrote are replaced)")
+
+
+@click.command("search")
+@_MODEL
+@_DEVICES
+@_CLUSTER
+@_DIM
+@click.option("--objectives", default="latency,memory", show_default=True,
+              help="Comma-separated: latency, memory, energy, throughput.")
+@click.option("--space", default="vertical", show_default=True, help="What the search may change (vertical).")
+@click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--population", type=click.IntRange(min=4), default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--pick", "how", type=click.Choice(["latency", "throughput", "memory", "energy", "knee"]),
+              default="knee", show_default=True, help="Which front point is the default plan.")
+@click.option("--plans", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Front points written as plan directories (spread over the front, the picked one always).")
+@click.option("--validate", "validate_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run this many of the written plans for real and print predicted against measured.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="The data plane whose overheads are measured and that --validate runs on.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
+@click.option("--force", is_flag=True, help="Replace an earlier search in --output.")
+@click.option("--key-file", type=click.Path(path_type=Path), help="The key plans are signed with.")
+def search_command(model: Path, devices: int | None, cluster: Path | None, dims: tuple[str, ...], objectives: str,
+                   space: str, generations: int, population: int, seed: int, how: str, plans: int,
+                   validate_k: int, backend: str, output: Path, force: bool, key_file: Path | None) -> None:
+    """NSGA-II over layouts of MODEL on the cluster, scored by the cost model; writes the front and its plans."""
+    from edgesplit.cli import _cluster, _dims, signing_key
+    from edgesplit.errors import InputError
+    from edgesplit.graph import load
+    from edgesplit.search import front, validate
+    from edgesplit.search.cost import CostModel
+    from edgesplit.search.nsga import Objective, Pick
+
+    goals = front.parse_names(Objective, objectives, "--objectives")
+    front.check_spaces(front.parse_names(front.Space, space, "--space"))
+    if validate_k > plans:
+        raise InputError(f"--validate {validate_k}: expected at most the {plans} plans written (--plans)")
+    _check_output(output, force)
+    find_key = signing_key if key_file is None else (lambda: signing_key(key_file))
+    key = find_key()
+    the_cluster = _cluster(devices, cluster)
+    graph = load(model, dims=_dims(dims))
+    front.check_fits(graph, the_cluster)
+    profiles = _profiles(graph, the_cluster, _dims(dims))
+    overheads = validate.overheads(validate.Backend(backend))
+    cost_model = CostModel(graph, the_cluster, profiles, overheads)
+    result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how))
+    indices = front.spread(len(result.front), plans, chosen)
+    built = _plans(graph, the_cluster, [result.front[i].layout for i in indices])
+    checks = _validate(graph, the_cluster, profiles, result, indices, validate_k, chosen, backend, overheads,
+                       _dims(dims))
+    outcome = front.Outcome(result, bases, chosen, why, checks)
+    _write(output, force, key, cost_model, outcome, goals, profiles, overheads, dict(zip(indices, built)), backend)
+
+
+def _search(cost_model, goals, population, generations, seed, how):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgesplit.cli import console, err_console
+    from edgesplit.search import front, report
+
+    columns = (TextColumn("searching"), BarColumn(), MofNCompleteColumn(), TextColumn("generations"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("search", total=generations)
+        result, bases, chosen, why = front.run_search(cost_model, goals, population, generations, seed, how,
+                                                      lambda: progress.advance(task))
+    console.print(report.front_table(cost_model, result, bases, goals, chosen))
+    console.print(f"{result.evaluations} layouts scored in {result.seconds:.1f} s; picked #{chosen}: {why}",
+                  markup=False, highlight=False, soft_wrap=True)
+    return result, bases, chosen, why
+
+
+def _plans(graph, cluster, layouts):
+    from edgesplit.planner import plan
+    from edgesplit.runtime.stages import check_loadable
+
+    built = [plan(graph, cluster, v.placement(graph, cluster)) for v in layouts]
+    for p in built:
+        check_loadable(p)
+    return built
+
+
+def _validate(graph, cluster, profiles, result, indices, k, chosen, backend, overheads, dims):
+    from rich.progress import Progress
+
+    from edgesplit.cli import console, err_console
+    from edgesplit.search import front, report, validate
+
+    if k == 0:
+        return {}
+    picked = [indices[i] for i in front.spread(len(indices), k, indices.index(chosen))]
+    threads = min(profiles)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task(f"running {len(picked)} plans ({backend})", total=len(picked))
+        checks = validate.check(graph, cluster, profiles, [result.front[i].layout for i in picked],
+                                validate.Backend(backend), threads, base=overheads, dims=dims,
+                                on_step=lambda: progress.advance(task))
+    console.print(report.validation_table(graph, cluster, profiles, overheads, picked, checks))
+    return dict(zip(picked, checks))
+
+
+def _write(output, force, key, cost_model, outcome, goals, profiles, overheads, plans, backend) -> None:
+    from edgesplit.cli import console
+    from edgesplit.search import front
+
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "plans").mkdir(exist_ok=True)
+    written = {}
+    for i, p in plans.items():
+        directory = output / "plans" / f"p{i:03d}"
+        p.save(directory, force=force, key=key)
+        written[i] = str(directory.relative_to(output))
+    front.plot(output / "front.png", outcome.result.front, outcome.bases, goals, outcome.chosen)
+    doc = front.document(cost_model, outcome, goals, profiles, overheads, written, backend)
+    front.write_json(output / "front.json", doc)
+    console.print(f"wrote {output}/front.json, front.png and {len(written)} plans; the picked plan is "
+                  f"{output}/{written[outcome.chosen]}", markup=False, highlight=False, soft_wrap=True)

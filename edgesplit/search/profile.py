@@ -1,0 +1,189 @@
+"""profile: how long each layer takes on a device kind, measured here with onnxruntime's profiler.
+
+A device kind is its thread count (its cores, at most this machine's). Per-node times come from the profiler with
+graph optimisations off (so every node of the source keeps its name); they are then scaled so that their sum
+matches the optimised whole model measured in the same run, since stages run optimised. Kinds not on this machine
+are scaled by their `speed` in the cost model (`speed` 1.0 is this machine). Per-call overhead and the memory of an
+empty session are measured once per kind. Profiles are cached beside the model, keyed by its hash and the kind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from edgesplit.errors import InputError
+from edgesplit.graph import Graph
+from edgesplit.runtime.common import random_inputs, session_options
+
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured costs of one model on one device kind of this machine."""
+
+    model_sha256: str
+    threads: int
+    dims: dict[str, int]  # the symbolic dimensions' sizes it was measured at
+    layer_seconds: tuple[float, ...]  # per layer, in the graph's topological order
+    whole_seconds: float  # the optimised whole model, one request
+    call_seconds: float  # onnxruntime's fixed cost of one session.run
+    session_bytes: int  # resident memory of a process's onnxruntime runtime with one tiny session open
+    machine: str
+    version: int = VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping) -> Profile:
+        return Profile(**{**d, "layer_seconds": tuple(d["layer_seconds"]), "dims": dict(d["dims"])})
+
+
+def kind(threads: int) -> str:
+    return f"cpu-{threads}t"
+
+
+def threads_of(cores: int) -> int:
+    return max(1, min(cores, os.cpu_count() or 1))
+
+
+def cache_path(graph: Graph, threads: int, dims: Mapping[str, int] | None = None) -> Path | None:
+    if not graph.path:
+        return None
+    model = Path(graph.path)
+    sizes = "".join(f"-{k}{v}" for k, v in sorted((dims or {}).items()))
+    return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-{kind(threads)}{sizes}.json")
+
+
+def profile(graph: Graph, threads: int, repeats: int = 10, use_cache: bool = True,
+            on_step: Callable[[], None] = lambda: None, dims: Mapping[str, int] | None = None) -> Profile:
+    """The profile of `graph` at `threads`: from the cache beside the model when it matches, else measured."""
+    dims = dict(dims or {})
+    cached = cache_path(graph, threads, dims)
+    if use_cache and cached is not None and cached.is_file():
+        found = load_profile(cached)
+        if (found.model_sha256, found.threads, found.dims, len(found.layer_seconds)) == (
+                graph.sha256, threads, dims, len(graph.layers)):
+            return found
+    measured = measure(graph, threads, repeats, on_step, dims)
+    if cached is not None:
+        try:
+            cached.write_text(json.dumps(measured.to_dict()))
+        except OSError:
+            pass  # a read-only model folder: profile again next time
+    return measured
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        found = Profile.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: expected an edgesplit profile (JSON), could not read it: {exc}") from None
+    if found.version != VERSION:
+        raise InputError(f"{path}: expected profile version {VERSION}, got {found.version}")
+    return found
+
+
+def check_profile(found: Profile, graph: Graph, threads: int, source: str) -> None:
+    if found.model_sha256 != graph.sha256:
+        raise InputError(f"{source}: the profile is of model {found.model_sha256[:12]}, expected {graph.sha256[:12]} "
+                         f"({graph.path or graph.name})")
+    if found.threads != threads:
+        raise InputError(f"{source}: the profile is of device kind {kind(found.threads)}, expected {kind(threads)}")
+
+
+def measure(graph: Graph, threads: int, repeats: int = 10, on_step: Callable[[], None] = lambda: None,
+            dims: Mapping[str, int] | None = None) -> Profile:
+    feeds = random_inputs([graph.tensors[n] for n in graph.inputs], dims)
+    model = graph.model.SerializeToString()
+    whole = _whole_seconds(model, feeds, threads, repeats)
+    on_step()
+    per_node = _node_seconds(model, feeds, threads, repeats)
+    on_step()
+    raw = np.array([per_node.get(layer.name, 0.0) for layer in graph.layers])
+    call = _call_seconds(threads, repeats * 20)
+    # the profiler's own cost and the unfused graph inflate the sum; stages run optimised
+    scale = max(whole - call, 1e-9) / raw.sum() if raw.sum() > 0 else 0.0
+    return Profile(graph.sha256, threads, dict(dims or {}), tuple(float(x) for x in raw * scale), whole, call, _session_bytes(),
+                   f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
+
+
+def _whole_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:
+    sess = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, dict(feeds))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, dict(feeds))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _node_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> dict[str, float]:
+    """Median seconds of every node over `repeats` profiled runs (graph optimisations off, names kept)."""
+    opts = session_options(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.profile_file_prefix = str(Path(tmp) / "edgesplit")
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        for _ in range(repeats + 2):
+            sess.run(None, dict(feeds))
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            runs.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] * 1e-6)
+    return {name: statistics.median(d[2:] if len(d) > 2 else d) for name, d in runs.items()}
+
+
+def _tiny() -> bytes:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [x], [y])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def _call_seconds(threads: int, repeats: int) -> float:
+    sess = ort.InferenceSession(_tiny(), session_options(threads), providers=["CPUExecutionProvider"])
+    x = {"x": np.zeros(1, np.float32)}
+    return _median_call(lambda: sess.run(None, x), repeats)
+
+
+def _median_call(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _session_bytes() -> int:
+    """Resident bytes a fresh process gains by importing onnxruntime and opening one tiny session."""
+    import subprocess
+    import sys
+
+    code = ("import psutil, numpy as np; p = psutil.Process(); before = p.memory_info().rss; "
+            "import onnxruntime as ort; from edgesplit.search.profile import _tiny; "
+            "s = ort.InferenceSession(_tiny(), providers=['CPUExecutionProvider']); "
+            "s.run(None, {'x': np.zeros(1, np.float32)}); print(p.memory_info().rss - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return int(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip().isdigit() else 0
+

@@ -1,0 +1,191 @@
+"""The design-space search: profiles, the cost model against real plans and runs, NSGA-II against its baselines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgesplit.cli import main
+from edgesplit.cluster import Cluster
+from edgesplit.graph import load
+from edgesplit.place import balance
+from edgesplit.place.vertical import memory_need
+from edgesplit.planner import plan as make_plan
+from edgesplit.search import validate
+from edgesplit.search.cost import CostModel, Overheads, Vertical, equal_layers, from_placement
+from edgesplit.search.nsga import Objective, encode, decode, search
+from edgesplit.search.profile import check_profile, profile
+from edgesplit.errors import InputError
+
+BATCH = {"batch": 16}
+MIXED = Path(__file__).resolve().parents[1] / "examples" / "mixed.yaml"
+
+
+@pytest.fixture(scope="module")
+def resnet(zoo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The zoo's ResNet in a folder of its own (profiles are cached beside the model)."""
+    folder = tmp_path_factory.mktemp("search")
+    shutil.copy(zoo_dir / "resnet.onnx", folder / "resnet.onnx")
+    graph = load(folder / "resnet.onnx", dims=BATCH)  # batch 16: compute, not per-call overheads, dominates
+    return graph, {t: profile(graph, t, repeats=5, dims=BATCH) for t in (1, 2)}
+
+
+def layouts(n: int, k: int, count: int, seed: int = 0) -> list[Vertical]:
+    rng = np.random.default_rng(seed)
+    return [decode(rng.random(2 * k - 1), n, k) for _ in range(count)] + [equal_layers(n, k)]
+
+
+def test_profile_is_cached_beside_the_model_and_checked(resnet, zoo_dir):
+    graph, profiles = resnet
+    p = profiles[1]
+    assert len(p.layer_seconds) == len(graph.layers) and all(s >= 0 for s in p.layer_seconds)
+    assert sum(p.layer_seconds) == pytest.approx(p.whole_seconds - p.call_seconds, rel=1e-6)
+    cached = Path(graph.path).with_name(f"resnet.onnx.profile-{graph.sha256[:12]}-cpu-1t-batch16.json")
+    assert cached.is_file()
+    assert profile(graph, 1, dims=BATCH) == p  # read back, not measured again
+    other = load(zoo_dir / "vgg.onnx")
+    with pytest.raises(InputError, match="profile is of model"):
+        check_profile(p, other, 1, "x.json")
+    with pytest.raises(InputError, match="device kind cpu-1t, expected cpu-2t"):
+        check_profile(p, graph, 2, "x.json")
+
+
+def test_wire_bytes_and_received_bytes_match_the_cut_plan(resnet):
+    graph, profiles = resnet
+    cluster = Cluster.load(MIXED)
+    model = CostModel(graph, cluster, profiles)
+    for v in layouts(len(graph.layers), 4, 12):
+        plan = make_plan(graph, cluster, v.placement(graph, cluster))
+        c = model.costs(v)
+        assert c.wire_bytes == plan.wire_bytes()
+        received = {d: sum(t.nbytes for t in plan.cross_device_transfers if plan.stage(t.dst).device == d)
+                    for d in cluster.names}
+        assert dict(zip(cluster.names, c.received)) == received
+
+
+def test_memory_is_the_planners_estimate_plus_the_runtime(resnet):
+    graph, profiles = resnet
+    cluster = Cluster.simulated(3)
+    model = CostModel(graph, cluster, profiles)
+    for v in layouts(len(graph.layers), 3, 8, seed=1):
+        placement = v.placement(graph, cluster)
+        c = model.costs(v)
+        for d, m in zip(cluster.names, c.memory):
+            mine = [layer for layer, dev in placement.items() if dev == d]
+            assert m == (memory_need(graph, mine) + profiles[1].session_bytes if mine else 0)
+
+
+def test_predictions_agree_with_runs(resnet):
+    """Memory within 15 % of each device's measured model memory; latency within a wide margin (shared machine)."""
+    graph, profiles = resnet
+    cluster = Cluster.simulated(3)
+    checks = validate.check(graph, cluster, {1: profiles[1]}, layouts(len(graph.layers), 3, 2, seed=2),
+                            validate.Backend.LOCAL, threads=1, repeats=10, dims=BATCH)
+    model = CostModel(graph, validate.as_run(cluster, Overheads()), {1: profiles[1]})
+    for check in checks:
+        predicted = validate.model_memory(model, check.predicted)
+        for p, m in zip(predicted, check.measured.memory):
+            assert (p == 0) == (m == 0)
+            if m > 2**20:  # below a MiB, allocator pages dominate
+                assert abs(p - m) / m < 0.15, (predicted, check.measured.memory)
+        assert check.predicted.latency / 3 < check.measured.latency < check.predicted.latency * 3
+
+
+def test_encoding_round_trips():
+    v = Vertical((3, 3, 10), (2, 0, 3, 1))
+    assert decode(encode(v, 20, 4), 20, 4) == v
+
+
+def test_search_beats_its_baselines_on_a_mixed_cluster(resnet):
+    graph, profiles = resnet
+    cluster = Cluster.load(MIXED)
+    model = CostModel(graph, cluster, profiles)
+    base = [from_placement(graph, cluster, balance(graph, cluster)), equal_layers(model.n, model.k)]
+    result = search(model, [Objective.LATENCY, Objective.MEMORY], base, population=40, generations=30, seed=3)
+    assert result.front and all(p.feasible and model.over_budget(p.costs) <= 0 for p in result.front)
+    for b, gain in zip(map(model.costs, base), (1.0, 1.3)):  # this small model's balance already skips the Wi-Fi
+        better = [p for p in result.front if p.costs.max_memory <= b.max_memory]
+        assert better and min(p.costs.latency for p in better) * gain <= b.latency
+    # the Wi-Fi board (pi4) receives nothing in the fastest point
+    fastest = min(result.front, key=lambda p: p.costs.latency)
+    assert fastest.costs.received[cluster.names.index("pi4")] == 0
+
+
+def test_search_is_no_worse_on_identical_devices(resnet):
+    graph, profiles = resnet
+    cluster = Cluster.simulated(4)
+    model = CostModel(graph, cluster, profiles)
+    seed = from_placement(graph, cluster, balance(graph, cluster))
+    result = search(model, [Objective.THROUGHPUT, Objective.MEMORY], [seed], population=30, generations=15)
+    s = model.costs(seed)
+    assert any(p.costs.period <= s.period and p.costs.max_memory <= s.max_memory for p in result.front)
+
+
+def test_memory_budgets_are_respected(resnet):
+    graph, profiles = resnet
+    activations = max(sum(graph.tensors[t].nbytes for t in (*l.inputs, *l.outputs)) for l in graph.layers)
+    tight = int(graph.total_param_bytes * 0.6) + profiles[1].session_bytes + activations
+    cluster = Cluster(tuple(replace(d, memory=tight) for d in Cluster.simulated(3).devices))
+    model = CostModel(graph, cluster, profiles)
+    result = search(model, [Objective.LATENCY, Objective.MEMORY], [], population=30, generations=20)
+    assert result.front
+    for p in result.front:
+        assert max(p.costs.memory) <= tight
+        assert sum(1 for m in p.costs.memory if m) >= 2  # the whole model fits on no single device
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_search_cli_writes_a_front_and_runnable_plans(resnet, tmp_path):
+    graph, _ = resnet
+    out = tmp_path / "out"
+    r = _cli("search", graph.path, "--cluster", MIXED, "--generations", 10, "--population", 20, "--plans", 3,
+             "--validate", 2, "--dim", "batch=16", "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "front.json").read_text())
+    assert (out / "front.png").stat().st_size > 0
+    assert {b["name"] for b in doc["baselines"]} == {"equal layers", "balance"}
+    plans = [p["plan"] for p in doc["front"] if p["plan"]]
+    assert 1 <= len(plans) <= 3 and doc["picked"]["plan"] in plans
+    assert sum("measured" in p for p in doc["front"]) == 2
+    verified = _cli("verify", out / doc["picked"]["plan"])
+    assert verified.exit_code == 0, verified.output
+    again = _cli("search", graph.path, "--cluster", MIXED, "--generations", 2, "-o", out)
+    assert again.exit_code == 2 and "--force" in again.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--objectives", "latency,speed"], "expected one of"),
+    (["--space", "vertical,horizontal"], "not searched yet"),
+    (["--validate", "5", "--plans", "2"], "at most the 2 plans"),
+])
+def test_search_cli_bad_input(resnet, tmp_path, args, message):
+    graph, _ = resnet
+    out = tmp_path / "out"
+    r = _cli("search", graph.path, "--devices", 2, *args, "-o", out)
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not out.exists()
+
+
+def test_search_cli_model_too_big(resnet, tmp_path):
+    graph, _ = resnet
+    cluster = tmp_path / "small.yaml"
+    cluster.write_text("devices:\n  - {name: a, cores: 1, memory: 1KiB}\n  - {name: b, cores: 1, memory: 1KiB}\n")
+    r = _cli("search", graph.path, "--cluster", cluster, "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "MiB short" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_profile_cli(resnet):
+    graph, _ = resnet
+    r = _cli("profile", graph.path, "--cluster", MIXED, "--dim", "batch=16")
+    assert r.exit_code == 0, r.output
+    assert "pi4" in r.output and "scaled by their speed" in r.output
