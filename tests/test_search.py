@@ -81,13 +81,15 @@ def test_memory_is_the_planners_estimate_plus_the_runtime(resnet):
             assert m == (memory_need(graph, mine) + profiles[1].session_bytes if mine else 0)
 
 
-def test_predictions_agree_with_runs(resnet):
+@pytest.mark.parametrize("backend, cluster", [(validate.Backend.LOCAL, Cluster.simulated(3)),
+                                              (validate.Backend.EMULATED, Cluster.load(MIXED))])
+def test_predictions_agree_with_runs(resnet, backend, cluster):
     """Memory within 15 % of each device's measured model memory; latency within a wide margin (shared machine)."""
     graph, profiles = resnet
-    cluster = Cluster.simulated(3)
-    checks = validate.check(graph, cluster, {1: profiles[1]}, layouts(len(graph.layers), 3, 2, seed=2),
-                            validate.Backend.LOCAL, threads=1, repeats=10, dims=BATCH)
-    model = CostModel(graph, validate.as_run(cluster, Overheads()), {1: profiles[1]})
+    checks = validate.check(graph, cluster, profiles, layouts(len(graph.layers), len(cluster.devices), 2, seed=2),
+                            backend, threads=1, repeats=10, dims=BATCH)
+    base = validate.overheads(backend)
+    model = CostModel(graph, validate.as_run(cluster, base, backend), profiles, base)
     for check in checks:
         predicted = validate.model_memory(model, check.predicted)
         for p, m in zip(predicted, check.measured.memory):
@@ -95,6 +97,14 @@ def test_predictions_agree_with_runs(resnet):
             if m > 2**20:  # below a MiB, allocator pages dominate
                 assert abs(p - m) / m < 0.15, (predicted, check.measured.memory)
         assert check.predicted.latency / 3 < check.measured.latency < check.predicted.latency * 3
+        if backend is validate.Backend.EMULATED:  # the links' latencies alone, waited for real
+            links = sum(cluster.link(*pair).latency for pair in _crossings(graph, cluster, check.layout))
+            assert check.measured.latency > links
+
+
+def _crossings(graph, cluster, v):
+    plan = make_plan(graph, cluster, v.placement(graph, cluster))
+    return [(plan.stage(t.src).device, plan.stage(t.dst).device) for t in plan.cross_device_transfers]
 
 
 def test_encoding_round_trips():

@@ -97,8 +97,9 @@ def _check_output(output: Path, force: bool) -> None:
               help="Front points written as plan directories (spread over the front, the picked one always).")
 @click.option("--validate", "validate_k", type=click.IntRange(min=0), default=0, show_default=True,
               help="Run this many of the written plans for real and print predicted against measured.")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="The data plane whose overheads are measured and that --validate runs on.")
+@click.option("--backend", type=click.Choice(["local", "ray", "emulated"]), default="local", show_default=True,
+              help="The data plane whose overheads are measured and that --validate runs on (emulated: in-process, "
+                   "devices slowed to their speed, links delayed).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an earlier search in --output.")
 @click.option("--key-file", type=click.Path(path_type=Path), help="The key plans are signed with.")
@@ -178,7 +179,8 @@ def _validate(graph, cluster, profiles, result, indices, k, chosen, backend, ove
         checks = validate.check(graph, cluster, profiles, [result.front[i].layout for i in picked],
                                 validate.Backend(backend), threads, base=overheads, dims=dims,
                                 on_step=lambda: progress.advance(task))
-    console.print(report.validation_table(graph, cluster, profiles, overheads, picked, checks))
+    console.print(report.validation_table(graph, cluster, profiles, overheads, picked, checks,
+                                          validate.Backend(backend)))
     return dict(zip(picked, checks))
 
 

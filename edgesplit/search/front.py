@@ -19,7 +19,7 @@ from edgesplit.place import balance
 from edgesplit.search import validate
 from edgesplit.search.cost import CostModel, Costs, Overheads, Vertical, equal_layers, from_placement
 from edgesplit.search.nsga import Objective, Pick, Point, Result, objective_value, pick, search
-from edgesplit.search.profile import Profile, threads_of
+from edgesplit.search.profile import Profile
 
 log = logging.getLogger("edgesplit")
 
@@ -153,12 +153,12 @@ def document(model: CostModel, outcome: Outcome, objectives: Sequence[Objective]
         d["plan"] = written.get(i)
         check = outcome.checks.get(i)
         if check is not None:
+            names = model.cluster.names
+            as_run = {"latency_s": check.predicted.latency,
+                      "model_memory_bytes": dict(zip(names, validate.model_memory(model, check.predicted)))}
             d["measured"] = {"latency_s": check.measured.latency,
-                             "model_memory_bytes": dict(zip(model.cluster.names, check.measured.memory)),
-                             "predicted_as_run": {"latency_s": check.predicted.latency,
-                                                  "model_memory_bytes": dict(zip(model.cluster.names,
-                                                                                 validate.model_memory(model, check.predicted)))},
-                             "backend": backend}
+                             "model_memory_bytes": dict(zip(names, check.measured.memory)),
+                             "predicted_as_run": as_run, "backend": backend}
         return d
 
     return {

@@ -27,7 +27,7 @@ from edgesplit.errors import InputError
 from edgesplit.graph import Graph
 from edgesplit.runtime.common import random_inputs, session_options
 
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,11 @@ def profile(graph: Graph, threads: int, repeats: int = 10, use_cache: bool = Tru
     dims = dict(dims or {})
     cached = cache_path(graph, threads, dims)
     if use_cache and cached is not None and cached.is_file():
-        found = load_profile(cached)
-        if (found.model_sha256, found.threads, found.dims, len(found.layer_seconds)) == (
+        try:
+            found = load_profile(cached)
+        except InputError:  # an older edgesplit's or a damaged cache: measure again, write it anew
+            found = None
+        if found is not None and (found.model_sha256, found.threads, found.dims, len(found.layer_seconds)) == (
                 graph.sha256, threads, dims, len(graph.layers)):
             return found
     measured = measure(graph, threads, repeats, on_step, dims)
@@ -117,8 +120,9 @@ def measure(graph: Graph, threads: int, repeats: int = 10, on_step: Callable[[],
     call = _call_seconds(threads, repeats * 20)
     # the profiler's own cost and the unfused graph inflate the sum; stages run optimised
     scale = max(whole - call, 1e-9) / raw.sum() if raw.sum() > 0 else 0.0
-    return Profile(graph.sha256, threads, dict(dims or {}), tuple(float(x) for x in raw * scale), whole, call, _session_bytes(),
-                   f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)")
+    machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return Profile(graph.sha256, threads, dict(dims or {}), tuple(float(x) for x in raw * scale), whole, call,
+                   _session_bytes(), machine)
 
 
 def _whole_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:

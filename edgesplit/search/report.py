@@ -43,13 +43,14 @@ def front_table(model: CostModel, result: Result, bases: Sequence, objectives: S
 
 
 def validation_table(graph: Graph, cluster: Cluster, profiles: Mapping, overheads: Overheads, indices: Sequence[int],
-                     checks: Sequence[validate.Check]) -> Table:
-    model = CostModel(graph, validate.as_run(cluster, overheads), profiles, overheads)
+                     checks: Sequence[validate.Check], backend: validate.Backend) -> Table:
+    model = CostModel(graph, validate.as_run(cluster, overheads, backend), profiles, overheads)
     lat_p = [c.predicted.latency for c in checks]
     lat_m = [c.measured.latency for c in checks]
     mem_p = [max(validate.model_memory(model, c.predicted)) for c in checks]
     mem_m = [max(c.measured.memory) for c in checks]
-    title = (f"predicted (for the run: this machine, loopback) against measured; latency rank correlation "
+    where = "emulated speeds and links" if backend is validate.Backend.EMULATED else "this machine, loopback"
+    title = (f"predicted (for the run: {where}) against measured ({backend.value}); latency rank correlation "
              f"{validate.spearman(lat_p, lat_m):.2f}, median error {validate.median_abs_error(lat_p, lat_m):.1%}; "
              f"memory {validate.spearman(mem_p, mem_m):.2f}, {validate.median_abs_error(mem_p, mem_m):.1%}")
     table = Table(title=title)

@@ -33,8 +33,9 @@ UNBOUNDED = 1e15  # bytes per second: a hop whose size costs nothing measurable
 
 
 class Backend(Choice):
-    LOCAL = "local"
-    RAY = "ray"
+    LOCAL = "local"  # in-process, loopback: every device at this machine's speed
+    RAY = "ray"  # Ray with simulated devices on this machine, loopback
+    EMULATED = "emulated"  # in-process, each device slowed to its speed and each link delayed (search.emulate)
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ def executor(plan: Plan, backend: Backend, threads: int) -> Iterator[tuple[Runne
 
         local = LocalExecutor(plan, threads=threads)
         yield local.run, dict
+        return
+    if backend is Backend.EMULATED:
+        from edgesplit.search.emulate import EmulatedExecutor
+
+        yield EmulatedExecutor(plan).run, dict
         return
     from edgesplit.runtime.ray import RayExecutor
 
@@ -116,23 +122,28 @@ def _memory_main() -> None:
     """Child side: unique memory of the stages' lean sessions after one run each, and of onnxruntime's start."""
     import psutil
 
-    from edgesplit.runtime.rayworker import _lean_session, _start_onnxruntime, _trim
+    from edgesplit.runtime.lean import lean_session, start_onnxruntime, trim
 
     stages = pickle.load(sys.stdin.buffer)
     process = psutil.Process()
     start = process.memory_full_info().uss
-    _start_onnxruntime(1)
+    start_onnxruntime(1)
     runtime = process.memory_full_info().uss
-    sessions = [_lean_session(model, 1) for model, _ in stages]
+    sessions = [lean_session(model, 1) for model, _ in stages]
     for session, (_, feeds) in zip(sessions, stages):
         session.run(None, feeds)
     stages.clear()
-    _trim()
+    trim()
     print(process.memory_full_info().uss - runtime, runtime - start)
 
 
-def as_run(cluster: Cluster, overheads: Overheads) -> Cluster:
-    """The cluster as a run on this machine sees it: every device at speed 1, loopback links."""
+def as_run(cluster: Cluster, overheads: Overheads, backend: Backend = Backend.LOCAL) -> Cluster:
+    """The cluster as a run on this machine sees it: emulated, speeds relative to the fastest device and the
+    cluster's links; otherwise every device at speed 1 and loopback links."""
+    if backend is Backend.EMULATED:
+        from edgesplit.search.emulate import relative
+
+        return relative(cluster)
     link = Link(bandwidth=min(overheads.bandwidth, UNBOUNDED), latency=0.0)
     return Cluster(tuple(replace(d, speed=1.0) for d in cluster.devices), link, {})
 
@@ -156,7 +167,8 @@ def overheads(backend: Backend, threads: int = 1, repeats: int = 50) -> Overhead
     for width in (64, 2**18):
         chain = _chain(width)
         for k in (1, 2):
-            cluster = Cluster.simulated(k, cores=threads, prefix=f"probe{width}x")
+            devices = Cluster.simulated(k, cores=threads, prefix=f"probe{width}x").devices
+            cluster = Cluster(devices, Link(UNBOUNDED, 0.0))  # the data plane's own costs, no link added
             layout = Vertical(tuple(len(chain.layers) * s // k for s in range(1, k)), tuple(range(k)))
             plan = make_plan(chain, cluster, layout.placement(chain, cluster))
             with executor(plan, backend, threads) as (run, _):
@@ -180,7 +192,7 @@ def check(graph: Graph, cluster: Cluster, profiles: Mapping[int, object], layout
     from edgesplit.planner import plan as make_plan
 
     base = base or overheads(backend, threads)
-    run_cluster = as_run(cluster, base)
+    run_cluster = as_run(cluster, base, backend)
     model = CostModel(graph, run_cluster, profiles, base)  # type: ignore[arg-type]
     out = []
     for v in layouts:
