@@ -18,7 +18,7 @@ from edgesplit.place import balance
 from edgesplit.place.vertical import memory_need
 from edgesplit.planner import plan as make_plan
 from edgesplit.search import validate
-from edgesplit.search.cost import CostModel, Overheads, Vertical, equal_layers, from_placement
+from edgesplit.search.cost import CostModel, Vertical, equal_layers, from_placement
 from edgesplit.search.nsga import Objective, encode, decode, search
 from edgesplit.search.profile import check_profile, profile
 from edgesplit.errors import InputError
