@@ -15,12 +15,11 @@ from edgesplit.cli import main
 from edgesplit.cluster import Cluster
 from edgesplit.graph import load
 from edgesplit.place import balance
-from edgesplit.place.vertical import memory_need
 from edgesplit.planner import plan as make_plan
 from edgesplit.search import validate
 from edgesplit.search.cost import CostModel, Vertical, equal_layers, from_placement
 from edgesplit.search.nsga import Objective, encode, decode, search
-from edgesplit.search.profile import check_profile, profile
+from edgesplit.search.profile import check_profile, live_bytes, profile
 from edgesplit.errors import InputError
 
 BATCH = {"batch": 16}
@@ -69,16 +68,22 @@ def test_wire_bytes_and_received_bytes_match_the_cut_plan(resnet):
         assert dict(zip(cluster.names, c.received)) == received
 
 
-def test_memory_is_the_planners_estimate_plus_the_runtime(resnet):
+def test_memory_splits_the_weights_and_counts_each_devices_live_activations(resnet):
     graph, profiles = resnet
     cluster = Cluster.simulated(3)
     model = CostModel(graph, cluster, profiles)
+    p = profiles[1]
+    live = live_bytes(graph)
+    assert live.max() >= max(sum(graph.tensors[t].nbytes for t in (*l.inputs, *l.outputs)) for l in graph.layers)
     for v in layouts(len(graph.layers), 3, 8, seed=1):
         placement = v.placement(graph, cluster)
-        c = model.costs(v)
-        for d, m in zip(cluster.names, c.memory):
-            mine = [layer for layer, dev in placement.items() if dev == d]
-            assert m == (memory_need(graph, mine) + profiles[1].session_bytes if mine else 0)
+        weights = 0.0
+        for d, m in zip(cluster.names, model.costs(v).memory):
+            mine = [i for i, layer in enumerate(graph.layers) if placement[layer.name] == d]
+            assert (m == 0) == (not mine)
+            if mine:
+                weights += m - p.session_bytes - live[mine].max() * p.activation_factor
+        assert weights == pytest.approx(p.weight_factor * sum(l.param_bytes for l in graph.layers), abs=3)  # ints
 
 
 @pytest.mark.parametrize("backend, cluster", [(validate.Backend.LOCAL, Cluster.simulated(3)),
@@ -139,8 +144,9 @@ def test_search_is_no_worse_on_identical_devices(resnet):
 
 def test_memory_budgets_are_respected(resnet):
     graph, profiles = resnet
-    activations = max(sum(graph.tensors[t].nbytes for t in (*l.inputs, *l.outputs)) for l in graph.layers)
-    tight = int(graph.total_param_bytes * 0.6) + profiles[1].session_bytes + activations
+    p = profiles[1]
+    tight = int(graph.total_param_bytes * 0.6 * p.weight_factor + live_bytes(graph).max() * p.activation_factor
+                + p.session_bytes)
     cluster = Cluster(tuple(replace(d, memory=tight) for d in Cluster.simulated(3).devices))
     model = CostModel(graph, cluster, profiles)
     result = search(model, [Objective.LATENCY, Objective.MEMORY], [], population=30, generations=20)

@@ -6,8 +6,9 @@ A vertical layout gives each device one contiguous range of layers in topologica
   data plane's overheads (`Overheads`, measured); each tensor crossing to another device costs the link's latency
   plus bytes ÷ bandwidth;
 - period (1 ÷ pipelined throughput): the busiest device or link;
-- memory per device: its layers' weights + the largest activation set of one of its layers + the runtime's own
-  memory (measured once per device kind);
+- memory per device: its layers' weights and the peak of its live activations, each scaled by what the whole
+  model's session was measured to hold per byte of them, plus the runtime's own memory (measured once per device
+  kind);
 - bytes on the wire, and an energy estimate per device from its power profile (busy watts while it computes, idle
   watts for the rest of the request: an estimate, no meter is read).
 """
@@ -21,7 +22,7 @@ import numpy as np
 
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
-from edgesplit.search.profile import Profile, threads_of
+from edgesplit.search.profile import Profile, live_bytes, threads_of
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,11 @@ class CostModel:
         seconds = [np.asarray(profiles[threads_of(d.cores)].layer_seconds) / d.speed for d in cluster.devices]
         self.time_prefix = np.stack([np.concatenate([[0.0], np.cumsum(s)]) for s in seconds])
         self.param_prefix = np.concatenate([[0], np.cumsum([layer.param_bytes for layer in layers])])
-        self.act = np.array([sum(graph.tensors[t].nbytes for t in (*l.inputs, *l.outputs)) for l in layers])
-        self.session_bytes = np.array([profiles[threads_of(d.cores)].session_bytes for d in cluster.devices])
+        kinds = [profiles[threads_of(d.cores)] for d in cluster.devices]
+        self.live = live_bytes(graph)
+        self.weight_factor = np.array([k.weight_factor for k in kinds])
+        self.activation_factor = np.array([k.activation_factor for k in kinds])
+        self.session_bytes = np.array([k.session_bytes for k in kinds])
         self.budget = np.array([d.memory for d in cluster.devices])
         self._edges(graph)
         self.bw = np.array([[self._bandwidth(a, b) for b in cluster.names] for a in cluster.names])
@@ -126,7 +130,8 @@ class CostModel:
         memory = np.zeros(self.k, dtype=np.int64)
         for s in np.flatnonzero(used):
             i, j, d = b[s], b[s + 1], order[s]
-            memory[d] = self.param_prefix[j] - self.param_prefix[i] + self.act[i:j].max() + self.session_bytes[d]
+            weights = (self.param_prefix[j] - self.param_prefix[i]) * self.weight_factor[d]
+            memory[d] = weights + self.live[i:j].max() * self.activation_factor[d] + self.session_bytes[d]
         src, dst, nbytes = self._transfers(b, order)
         link = self.lat[src, dst] + nbytes / self.bw[src, dst]
         stages = int(used.sum())

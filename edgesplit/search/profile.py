@@ -27,7 +27,7 @@ from edgesplit.errors import InputError
 from edgesplit.graph import Graph
 from edgesplit.runtime.common import random_inputs, session_options
 
-VERSION = 2
+VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Profile:
     whole_seconds: float  # the optimised whole model, one request
     call_seconds: float  # onnxruntime's fixed cost of one session.run
     session_bytes: int  # resident memory of a process's onnxruntime runtime with one tiny session open
+    weight_factor: float  # the whole model's loaded session memory ÷ its parameter bytes
+    activation_factor: float  # what one run adds ÷ the peak bytes of live activations
     machine: str
     version: int = VERSION
 
@@ -121,8 +123,28 @@ def measure(graph: Graph, threads: int, repeats: int = 10, on_step: Callable[[],
     # the profiler's own cost and the unfused graph inflate the sum; stages run optimised
     scale = max(whole - call, 1e-9) / raw.sum() if raw.sum() > 0 else 0.0
     machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    runtime, loaded, ran = _memory(model, feeds)
+    weights = max(graph.total_param_bytes, 1)
+    peak = max(float(live_bytes(graph).max(initial=0.0)), 1.0)
     return Profile(graph.sha256, threads, dict(dims or {}), tuple(float(x) for x in raw * scale), whole, call,
-                   _session_bytes(), machine)
+                   runtime, max(loaded / weights, 1.0), max(ran - loaded, 0) / peak, machine)
+
+
+def live_bytes(graph: Graph) -> np.ndarray:
+    """live[p]: bytes of the activations alive while layer p runs (made at or before p, still needed at p)."""
+    n = len(graph.layers)
+    made = {t: 0 for t in graph.inputs}
+    last: dict[str, int] = {}
+    for p, layer in enumerate(graph.layers):
+        made.update(dict.fromkeys(layer.outputs, p))
+        last.update(dict.fromkeys((t for t in layer.inputs if t in made), p))
+    last.update(dict.fromkeys(graph.outputs, n - 1))
+    delta = np.zeros(n + 1)
+    for t, start in made.items():
+        if t in last and t in graph.tensors:
+            delta[start] += graph.tensors[t].nbytes
+            delta[last[t] + 1] -= graph.tensors[t].nbytes
+    return np.cumsum(delta)[:n]
 
 
 def _whole_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:
@@ -179,15 +201,22 @@ def _median_call(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _session_bytes() -> int:
-    """Resident bytes a fresh process gains by importing onnxruntime and opening one tiny session."""
+def _memory(model: bytes, feeds: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
+    """In a fresh process, as a device measures it: (onnxruntime's own resident memory with a tiny session, the
+    model's lean session once loaded, and after one run) in bytes; the last two are unique memory."""
+    import pickle
     import subprocess
     import sys
 
-    code = ("import psutil, numpy as np; p = psutil.Process(); before = p.memory_info().rss; "
-            "import onnxruntime as ort; from edgesplit.search.profile import _tiny; "
-            "s = ort.InferenceSession(_tiny(), providers=['CPUExecutionProvider']); "
-            "s.run(None, {'x': np.zeros(1, np.float32)}); print(p.memory_info().rss - before)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    return int(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip().isdigit() else 0
-
+    code = ("import pickle, sys, psutil; p = psutil.Process(); before = p.memory_info().rss; "
+            "from edgesplit.runtime.lean import lean_session, start_onnxruntime, trim; start_onnxruntime(1); "
+            "runtime = p.memory_info().rss - before; base = p.memory_full_info().uss; "
+            "model, feeds = pickle.load(sys.stdin.buffer); s = lean_session(model, 1); del model; trim(); "
+            "loaded = p.memory_full_info().uss - base; s.run(None, feeds); trim(); "
+            "print(runtime, loaded, p.memory_full_info().uss - base)")
+    done = subprocess.run([sys.executable, "-c", code], input=pickle.dumps((model, dict(feeds))), capture_output=True,
+                          timeout=600)
+    if done.returncode != 0:
+        raise InputError(f"measuring the model's memory failed: {done.stderr.decode()[-500:]}")
+    runtime, loaded, ran = (int(x) for x in done.stdout.split()[-3:])
+    return runtime, loaded, ran
