@@ -232,7 +232,9 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 @click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--allow-degraded", is_flag=True, help="Answer with zeros for parts on dead devices (marked degraded).")
-@click.option("--deadline", type=float, default=30.0, show_default=True, help="Seconds a request may take (ray).")
+@click.option("--deadline", type=float, default=30.0, show_default=True, help="ray: seconds a request may take; a device still working then is routed around for it (replica, "
+                   "or fill with --allow-degraded) without being declared dead, so answers come within the deadline "
+                   "plus about 1 s.")
 @click.option("--dataplane", type=click.Choice(Dataplane.names()), default="auto", show_default=True,
               help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,

@@ -262,6 +262,24 @@ class DeviceRejoined:
 
 
 @dataclass(frozen=True)
+class DeviceLate:
+    """The device's stage had not finished by the request's deadline: routed around, not declared dead."""
+
+    device: str
+    stage: str
+    request: int
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class DeviceCaughtUp:
+    """A late device finished what it owed and answered a ping: it takes requests again."""
+
+    device: str
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
 class RequestFailed:
     request: int
     device: str
@@ -270,7 +288,7 @@ class RequestFailed:
     at: float = field(default_factory=time.monotonic)
 
 
-Event = DeviceLost | DeviceRejoined | RequestFailed
+Event = DeviceLost | DeviceRejoined | DeviceLate | DeviceCaughtUp | RequestFailed
 
 
 @dataclass(frozen=True)
