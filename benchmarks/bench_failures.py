@@ -3,7 +3,9 @@
 python benchmarks/bench_failures.py [--repeats 3] [--deadline 2] [--quick]
 Writes benchmarks/results/failures.json and failures.md: the worst answer time while part A's device is stopped
 (SIGSTOP) for 1, 3, 8 and 20 s under `deadline` (its replica stands in), against the worst gap of the same stream
-with no stall and against the bound (deadline + margin).
+with no stall and against the bound (deadline + margin); and the failover of a vertical plan with standby stages
+(`--standby auto`): the time from killing a device mid-stream to the first answer after, against the stream's
+median time between answers.
 """
 
 from __future__ import annotations
@@ -98,6 +100,44 @@ def stalls(deadline: float, margin: float, repeats: int, lengths: tuple[float, .
     return rows
 
 
+def failover(kills: int, requests: int) -> dict:
+    """A 3-device vertical plan of the zoo ResNet with a standby of every stage: kill the middle device after
+    answer 10; the time from the kill to the first answer after it (every answer full)."""
+    import tempfile
+    from pathlib import Path
+
+    import edgesplit
+    from edgesplit.planner import partition
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = edgesplit.load(zoo.build("resnet", Path(tmp)))
+    plan = partition(graph, Cluster.simulated(3), standby=["auto"])
+    xs = [random_inputs(plan.inputs, {"batch": 1}, seed=i) for i in range(requests)]
+    dead = plan.stages[1].device
+    to_answer, gaps, not_full = [], [], 0
+    with RayExecutor(plan, dataplane="tasks", rejoin_interval=None) as ex:
+        for _ in range(kills):
+            session = ex.session(4)
+            list(session.stream(xs[:8]))
+            killed_at, times = 0.0, []
+            for i, a in enumerate(session.stream(xs)):
+                times.append(time.monotonic())
+                not_full += not isinstance(a, RunResult) or a.degraded
+                if i == 10:
+                    ray.kill(ex.actors[dead])
+                    killed_at = time.monotonic()
+            to_answer.append(min(t for t in times if t > killed_at) - killed_at)
+            gaps.append(statistics.median(b - a for a, b in zip(times[:10], times[1:11])))
+            ex.rejoin(timeout=60)
+    median_gap = statistics.median(gaps)
+    return {"plan": f"zoo resnet, vertical over 3 devices, standby of every stage ({len(plan.standbys)})",
+            "killed": dead, "kills": kills, "requests_per_stream": requests,
+            "kill_to_first_answer_ms": statistics.median(to_answer) * 1e3,
+            "max_kill_to_first_answer_ms": max(to_answer) * 1e3, "no_kill_answer_gap_ms": median_gap * 1e3,
+            "ratio_to_answer_gap": statistics.median(to_answer) / median_gap if median_gap else float("nan"),
+            "answers_not_full": not_full}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -111,9 +151,11 @@ def main() -> None:
     ray.init(num_cpus=len(DEVICES), resources=resources, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     stall_rows = stalls(args.deadline, args.margin, repeats, lengths)
+    fail = failover(max(3, repeats), 40)
     ray.shutdown()
     data = {"machine": machine(), "model": "split_conv 32 channels 64x64, conv1 split over dev1/dev2, "
-            "part A replicated (standby) on dev3", "repeats": repeats, "stalls": stall_rows}
+            "part A replicated (standby) on dev3", "repeats": repeats, "stalls": stall_rows,
+            "failover": fail}
 
     def table(rows: list[dict]) -> str:
         return markdown_table(list(rows[0]), [list(r.values()) for r in rows])
@@ -123,7 +165,8 @@ def main() -> None:
             f"stop on (median of {repeats}); no_stall_worst_gap_s: the same stream's longest gap with no stall. "
             "Answers are full: the standby replica on dev3 stands in while dev1 is late. Counts are of the last "
             "repeat.")
-    sections = [("Worst answer time under a stall (deadline bound)", table(stall_rows) + "\n\n" + note)]
+    sections = [("Worst answer time under a stall (deadline bound)", table(stall_rows) + "\n\n" + note),
+                ("Vertical failover to standby stages: kill to first answer", table([fail]))]
     path = write_report("failures", "Failures on the Ray executor", data, sections)
     print(path.read_text())
 

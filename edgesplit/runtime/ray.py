@@ -87,9 +87,11 @@ class RayExecutor:
         self._compile_after = 0.0
         self._teardown: threading.Thread | None = None
         self._default: Session | None = None
-        self._models = {d: ray.put([(s.name, s.inputs, s.outputs, s.model) for s in self.router.specs if s.device == d])
-                        for d in plan.devices}
-        self.actors = {d: self._spawn(d) for d in plan.devices}
+        specs = (*self.router.specs, *self.router.standbys)  # a device holds its stages and its standbys
+        devices = tuple(dict.fromkeys(s.device for s in specs))
+        self._models = {d: ray.put([(s.name, s.inputs, s.outputs, s.model) for s in specs if s.device == d])
+                        for d in devices}
+        self.actors = {d: self._spawn(d) for d in devices}
         self._wait_ready(ready_timeout)
 
     # ---- actors ----
@@ -560,8 +562,9 @@ class Session:
             if r.error is not None or r.route is None or not (r.compiled is not None or r.route.devices & late):
                 continue
             owed: dict[str, list[Any]] = {}
+            on = {s.name: s.device for s in r.route.stages}
             for name, refs in r.refs.items():
-                owed.setdefault(ex.router.spec(name).device, []).extend(refs)
+                owed.setdefault(on[name], []).extend(refs)
             for device in late & set(owed):
                 ex.late.add(device, owed[device])
             self._dispatch(r, keep=untouched(r.route, r.refs, late))
