@@ -332,7 +332,8 @@ def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path |
 
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
-    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address)
+    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address,
+                      trust_unsigned=trust_unsigned)
     console.print(prompt, end="", markup=False, highlight=False)
     for token in gen:
         console.print(token.text, end="", markup=False, highlight=False)

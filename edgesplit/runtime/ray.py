@@ -194,9 +194,11 @@ class RayExecutor:
         if self._compiled is not None and (chunk > self._sized_for[0] or request_bytes > self._sized_for[1]):
             self.drop_compiled(cooldown=False)  # its channels are too small for these chunks: build a larger one
         if self._compiled is None:
+            if time.monotonic() < self._compile_after:
+                return None
             if self._teardown is not None:
                 self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
-            if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
+            if self._teardown is not None and self._teardown.is_alive():
                 return None
             self._compiled = self._compile(route, arrays, chunk, request_bytes)
             self._sized_for = (chunk, request_bytes)
