@@ -194,10 +194,13 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...], key_file: Path |
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
 @click.option("--force", is_flag=True, help="Replace the plan already in --output (other files there are kept).")
+@click.option("--standby", "standby", multiple=True, metavar="auto|STAGE=DEVICE|DEVICE=DEVICE",
+              help="Standby copies of stages on other devices, run while a stage's device is down or late: auto "
+                   "(every stage, on the device with the most memory to spare), or by hand. Repeatable.")
 @_KEY_FILE
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, horizontal: Path | None,
               output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str, force: bool,
-              key_file: Path | None) -> None:
+              standby: tuple[str, ...], key_file: Path | None) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
     from edgesplit.graph import load
@@ -219,7 +222,8 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 
         the_mapping = merge_hybrid(the_mapping, load_mapping(horizontal), graph)
     the_cluster = the_cluster or _cluster_from(the_mapping)
-    plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims), kv_cache=kv_cache)
+    plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims),
+                        kv_cache=kv_cache, standby=standby)
     check_loadable(plan)
     key = key or signing_key()
     plan.save(output, force=force, key=key)
@@ -229,6 +233,8 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
         console.print(report.region_table(plan))
     console.print(f"wrote {output}/plan.json and {len(plan.stages)} stage files", markup=False, highlight=False,
                   soft_wrap=True)
+    for s in plan.standbys:
+        console.print(f"standby: stage {s.stage} also on {s.device}", markup=False, highlight=False)
 
 
 @main.command()
@@ -241,7 +247,10 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 @click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--allow-degraded", is_flag=True, help="Answer with zeros for parts on dead devices (marked degraded).")
-@click.option("--deadline", type=float, default=30.0, show_default=True, help="Seconds a request may take (ray).")
+@click.option("--deadline", type=float, default=30.0, show_default=True,
+              help="ray: seconds a request may take; a device still working then is routed around for it (replica, "
+                   "or fill with --allow-degraded) without being declared dead, so answers come within the deadline "
+                   "plus about 1 s.")
 @click.option("--dataplane", type=click.Choice(Dataplane.names()), default="auto", show_default=True,
               help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
@@ -332,7 +341,8 @@ def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path |
 
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
-    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address)
+    gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address,
+                      trust_unsigned=trust_unsigned)
     console.print(prompt, end="", markup=False, highlight=False)
     for token in gen:
         console.print(token.text, end="", markup=False, highlight=False)

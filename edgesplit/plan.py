@@ -20,6 +20,8 @@ from edgesplit.cluster import Cluster
 from edgesplit.errors import PlanError
 from edgesplit.graph import Graph, TensorInfo, node_references, sha256_file
 from edgesplit.layout import Layout, Region, regions_from_dicts
+from edgesplit.standby import Standby
+from edgesplit.standby import problems as standby_problems
 
 FORMAT = "edgesplit-plan/2"
 FORMAT_1 = "edgesplit-plan/1"  # untyped regions; loads when it has none
@@ -74,6 +76,7 @@ class Plan:
     regions: tuple[Region, ...] = ()
     model_path: str = ""
     seal: signing.Seal | None = field(default=None, repr=False, compare=False)  # set when loaded signed
+    standbys: tuple[Standby, ...] = ()  # copies of whole stages on other devices, run while theirs is lost
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -86,7 +89,7 @@ class Plan:
 
     @property
     def devices(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(s.device for s in self.stages))
+        return tuple(dict.fromkeys([*(s.device for s in self.stages), *(b.device for b in self.standbys)]))
 
     @property
     def cross_device_transfers(self) -> tuple[Transfer, ...]:
@@ -131,6 +134,7 @@ class Plan:
                 if end not in (SOURCE, SINK) and end not in names:
                     problems.append(f"transfer of {t.tensor!r} names stage {end!r}, which the plan lacks")
         problems += self._region_problems(producer)
+        problems += standby_problems(self.standbys, {st.name: st.device for st in self.stages}, self.cluster.names)
         if not problems and (cycle := _find_cycle(self)):
             problems.append("stage graph has a cycle: " + " -> ".join(cycle))
         return problems
@@ -232,6 +236,7 @@ class Plan:
                 for t in self.transfers
             ],
             "regions": [r.to_dict() for r in self.regions],
+            **({"standbys": [s.to_dict() for s in self.standbys]} if self.standbys else {}),
         }
 
     @staticmethod
@@ -271,6 +276,7 @@ class Plan:
                 regions=regions,
                 model_path=d["model"].get("path", ""),
                 seal=seal and dataclasses.replace(seal, inlined=frozenset(s.name for s in stages if s.external_data)),
+                standbys=tuple(Standby.from_dict(s) for s in d.get("standbys", ())),
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise PlanError(f"{path} is not a valid plan: missing or malformed field ({type(exc).__name__}: {exc})") from None

@@ -107,6 +107,9 @@ def field_problems(d: Any) -> list[str]:
             shape = t.get("shape") if isinstance(t, dict) else None
             if not isinstance(shape, list) or not all(x is None or type(x) in (int, str) for x in shape):
                 problems.append(f"{key}[{i}].shape: expected a list of sizes and dimension names, got {_kind(shape)}")
+    standbys = d.get("standbys", [])
+    for i, sb in enumerate(standbys if isinstance(standbys, list) else [standbys]):
+        problems += _typed(sb, f"standbys[{i}]", {"stage": str, "device": str}, ())
     if not _str_map(d.get("placement")):
         problems.append(f"placement: expected layer -> device names, got {_kind(d.get('placement'))}")
     return problems

@@ -8,10 +8,12 @@ into stages. Nothing here reads or writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from edgesplit import standby
 from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError, PlacementError
 from edgesplit.graph import Graph
@@ -28,8 +30,10 @@ from edgesplit.rewrite.transformer import TransformerSplitWarning
 
 def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: Strategy | str = Strategy.VERTICAL,
               split: SplitFamily | str = SplitFamily.AUTO, dims: Mapping[str, int] | None = None,
-              kv_cache: KvCache | str = KvCache.GATHER, replicas: Sequence[ReplicaRequest] = ()) -> Plan:
-    """Place every layer (from `mapping` if given, else by `strategy`), add `replicas`, and cut it into a Plan.
+              kv_cache: KvCache | str = KvCache.GATHER, replicas: Sequence[ReplicaRequest] = (),
+              standby: Sequence[str] = ()) -> Plan:
+    """Place every layer (from `mapping` if given, else by `strategy`), add `replicas`, and cut it into a Plan
+    (with the standby stages `standby` asks for: 'auto', 'STAGE=DEVICE', 'DEVICE=DEVICE'; see edgesplit.standby).
 
     `vertical` balances contiguous layer ranges; `horizontal` / `hybrid` (or a mapping with horizontal regions)
     split layers into parts first, `split` choosing channels, spatial or auto; `heads` splits Transformers by
@@ -39,7 +43,17 @@ def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: 
                                   kv_cache=kv_cache)
     if replicas:
         rewritten, placement = with_replicas(rewritten, placement, replicas)
-    return plan(rewritten, cluster, placement)
+    return with_standbys(plan(rewritten, cluster, placement), rewritten, standby)
+
+
+def with_standbys(cut_plan: Plan, graph: Graph, requests: Sequence[str]) -> Plan:
+    """The plan with standby copies of its stages on other devices (memory budgets checked)."""
+    if not requests:
+        return cut_plan
+    layers = {s.name: s.layers for s in cut_plan.stages}
+    devices = {s.name: s.device for s in cut_plan.stages}
+    chosen = standby.choose(graph, cut_plan.cluster, layers, devices, requests)
+    return dataclasses.replace(cut_plan, standbys=cut_plan.standbys + chosen)
 
 
 def layout(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: Strategy | str = Strategy.VERTICAL,

@@ -74,3 +74,28 @@ def test_cli_head_split_with_sharded_cache_generates_on_ray(ray_devices, word_to
     text = lambda out: out.split("\n")[0]  # noqa: E731  the prompt and the generated words
     whole = generate(export.path, load_tokenizer(word_tokenizer), "w1 w200 w33 w4", 8, stop_at_eos=False)
     assert text(local.output) == text(remote.output) == "w1 w200 w33 w4" + "".join(t.text for t in whole)
+
+
+def test_kv_devices_check_the_plan_signature_before_they_load_a_stage(ray_devices, tmp_path):
+    """The KV-cache actors refuse, as the stage actors do (issue 14, point 2): a plan signed with a key the devices
+    lack, and a stage swapped after the plan was signed."""
+    import dataclasses
+
+    from edgesplit.errors import EdgesplitError
+    from edgesplit.plan import Plan
+    from edgesplit.runtime.raykv import remote_stages
+    from test_signing import _other_key
+
+    export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
+    plan = tz.vertical_plan(export.path, 2)
+    other = _other_key(tmp_path)
+    with pytest.raises(EdgesplitError, match=f"device 'dev0' refuses its stages: the plan is signed with key id "
+                                             f"{other.key_id}, but this device's key is key id "):
+        remote_stages(plan, key=other)
+    signed = Plan.load(plan.save(tmp_path / "plan"))
+    first, second = signed.stages[0].name, signed.stages[1].name
+    swapped = dataclasses.replace(signed, stage_models={**signed.stage_models,
+                                                        first: signed.stage_models[second]})
+    with pytest.raises(EdgesplitError, match=f"refuses its stages: stage '{first}' is not the signed one"):
+        remote_stages(swapped)
+    assert len(remote_stages(signed)) == 2

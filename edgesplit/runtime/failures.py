@@ -1,6 +1,7 @@
 """Failure sets: which stages run, which part outputs come from a replica or are filled, and the typed events.
 
-Both executors route every request through `route(...)`: stages on a down device do not run; a stage input that is
+Both executors route every request through `route(...)`: stages on a down device do not run (a stage with a standby
+on a live device runs there instead, `Router.stand_by`); a stage input that is
 the output of a lost part is rebuilt from the live replicas of its units (several, on different devices), the units
 none holds filled (only when degraded answers are allowed and the region has a fill); any other missing tensor makes
 the request fail with `DeviceFailedError` naming the device and stage at the root of the loss. Stages whose outputs
@@ -18,7 +19,7 @@ import numpy as np
 from edgesplit.errors import DeviceFailedError, PlanError
 from edgesplit.layout import Combine, Fill, Part, Region, ReplicaMode
 from edgesplit.plan import Plan
-from edgesplit.runtime.stages import Declared, StageSpec, bind_dims, declared, stage_specs
+from edgesplit.runtime.stages import Declared, StageSpec, bind_dims, declared, stage_specs, standby_specs
 
 @dataclass(frozen=True)
 class Piece:
@@ -262,6 +263,24 @@ class DeviceRejoined:
 
 
 @dataclass(frozen=True)
+class DeviceLate:
+    """The device's stage had not finished by the request's deadline: routed around, not declared dead."""
+
+    device: str
+    stage: str
+    request: int
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class DeviceCaughtUp:
+    """A late device finished what it owed and answered a ping: it takes requests again."""
+
+    device: str
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
 class RequestFailed:
     request: int
     device: str
@@ -270,7 +289,7 @@ class RequestFailed:
     at: float = field(default_factory=time.monotonic)
 
 
-Event = DeviceLost | DeviceRejoined | RequestFailed
+Event = DeviceLost | DeviceRejoined | DeviceLate | DeviceCaughtUp | RequestFailed
 
 
 @dataclass(frozen=True)
@@ -335,6 +354,7 @@ class Router:
 
     def __init__(self, plan: Plan, allow_degraded: bool = False) -> None:
         self.specs = stage_specs(plan)
+        self.standbys = standby_specs(plan)
         self.regions = plan.regions
         self.declared = declared(self.specs)
         self.inputs = tuple(t.name for t in plan.inputs)
@@ -345,14 +365,19 @@ class Router:
     def route(self, down: frozenset[str] = frozenset()) -> Route:
         if down not in self._routes:
             try:
-                self._routes[down] = route(self.specs, self.regions, self.declared, self.inputs, self.outputs, down,
-                                           self.allow_degraded)
+                self._routes[down] = route(self.stand_by(down), self.regions, self.declared, self.inputs,
+                                           self.outputs, down, self.allow_degraded)
             except DeviceFailedError as exc:
                 self._routes[down] = exc
         found = self._routes[down]
         if isinstance(found, DeviceFailedError):
             raise DeviceFailedError(found.device, found.stage, str(found))
         return found
+
+    def stand_by(self, down: frozenset[str]) -> tuple[StageSpec, ...]:
+        """The stages, each on a down device replaced by its first standby on a live one."""
+        return tuple(next((b for b in self.standbys if b.name == s.name and b.device not in down), s)
+                     if s.device in down else s for s in self.specs)
 
     def dims(self, arrays: Mapping[str, object]) -> dict[str, int]:
         return bind_dims({t: self.declared[t] for t in self.inputs if t in self.declared}, arrays)

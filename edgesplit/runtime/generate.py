@@ -257,7 +257,7 @@ class Decoder:
     """A Plan (or a whole model) ready to generate: one session per stage, built once, reused across prompts."""
 
     def __init__(self, model: Model, threads: int | None = None, backend: Backend | str = Backend.LOCAL,
-                 address: str | None = None) -> None:
+                 address: str | None = None, trust_unsigned: bool = False) -> None:
         try:
             backend = Backend.parse(backend, "backend")
         except ValueError as exc:
@@ -273,7 +273,7 @@ class Decoder:
                                 "use --backend local")
             from edgesplit.runtime.raykv import remote_stages  # Ray is an optional dependency
 
-            states = remote_stages(model, address, threads)
+            states = remote_stages(model, address, threads, trust_unsigned=trust_unsigned)
         self.states = states
         self.kv_cache = any(n.startswith(PAST) for n in self.inputs)
 
@@ -298,14 +298,17 @@ class Decoder:
 
 def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int],
              max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True,
-             eos_token_id: int | None = None, backend: str = "local", address: str | None = None) -> Generation:
+             eos_token_id: int | None = None, backend: str = "local", address: str | None = None,
+             trust_unsigned: bool = False) -> Generation:
     """Greedy decoding of up to `max_new_tokens` after `prompt` (text, or token ids) on a Plan or a whole model.
 
     The returned iterator yields each token as soon as it is produced; `.stats` has timings after the last one.
+    On Ray, each device checks the plan's signature before it loads a stage (`trust_unsigned`: an unsigned plan
+    is accepted).
     """
     if tokenizer is None:
         raise TokenizerError(NO_TOKENIZER)
-    return Decoder(model, threads, backend, address).generate(tokenizer, prompt, max_new_tokens,
+    return Decoder(model, threads, backend, address, trust_unsigned).generate(tokenizer, prompt, max_new_tokens,
                                                               stop_at_eos=stop_at_eos, eos_token_id=eos_token_id)
 
 

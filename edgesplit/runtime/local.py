@@ -29,10 +29,13 @@ class LocalExecutor:
         self.failed = frozenset(failed)
         self.router = Router(plan, allow_degraded)  # failure-set semantics shared with the ray executor
         opts = session_options(threads)
-        live = dict.fromkeys(s.device for s in self.router.specs if s.device not in self.failed)
+        specs = (*self.router.specs, *self.router.standbys)  # a standby runs its stage's own file: one session
+        live = dict.fromkeys(s.device for s in specs if s.device not in self.failed)
         providers = {d: device_providers(d, plan.cluster.device(d).providers) for d in live}
-        self.sessions = {s.name: load_session(s, opts, providers[s.device]) for s in self.router.specs
-                         if s.device not in self.failed}
+        self.sessions: dict[str, ort.InferenceSession] = {}
+        for s in specs:
+            if s.device not in self.failed and s.name not in self.sessions:
+                self.sessions[s.name] = load_session(s, opts, providers[s.device])
 
     def run(self, inputs: Mapping[str, object], failed: Iterable[str] | None = None) -> RunResult:
         down = self.failed if failed is None else frozenset(failed) | self.failed

@@ -2,15 +2,15 @@
 
 The driver feeds inputs and collects outputs; every intermediate tensor is an ObjectRef handed from the producing
 actor's call to the consuming actor's call (or, in the steady state, a Ray Compiled Graph channel). Results come
-back in submission order. A device that dies or stays silent past the deadline is marked down, every request in
-flight that used it is re-routed (`failures.route`: replica, else zeros if degraded answers are allowed, else a
-`DeviceFailedError`), and a down device is probed until it answers again, when it rejoins.
+back in submission order. A device that dies is marked down, every request in flight that used it is re-routed
+(`failures.route`: replica, else fill if degraded answers are allowed, else a `DeviceFailedError`), and a down
+device is probed until it answers again, when it rejoins. A device whose stage has not finished by a request's
+deadline is late (`rayroute`): routed around in the same way, without being declared dead, until it catches up.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import threading
 import time
 from collections import deque
@@ -28,20 +28,21 @@ from edgesplit.layout import Dataplane
 from edgesplit.plan import Plan
 from edgesplit.runtime import raycluster
 from edgesplit.runtime.common import RunResult, check_inputs
-from edgesplit.runtime.failures import (DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router, RunReport,
-                                        Tally)
+from edgesplit.runtime.failures import (DeviceLate, DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router,
+                                        RunReport, Tally)
 from edgesplit.runtime.raygraph import CompiledLate, is_channel_error, quiet_teardown
+from edgesplit.runtime.rayroute import LateDevices, around_late, late_stages, untouched
 from edgesplit.runtime.rayworker import DeviceWorker
 from edgesplit.signing import Key
 
 MAX_IN_FLIGHT = 32  # the compiled graph is built for at most this many executions in flight
 WARMUP_TIMEOUT = 120.0
 START_TIMEOUT = 180.0  # seconds for every device's actor to start (a busy 2-core machine took over 60)
-START_NOTE_EVERY = 5.0
-log = logging.getLogger("edgesplit")
 COMPILE_COOLDOWN = 5.0
 TEARDOWN_WAIT = 2.0
 COMPILED_MARGIN = 1.1  # seconds of ordinary actor calls after a failure before a compiled graph is built again
+LATE_MARGIN = 1.0  # seconds a request re-routed around a late device gets for the stages it still runs
+LATE_POLL = 0.1  # seconds between looks at late devices while waiting
 
 
 class RayExecutor:
@@ -51,7 +52,7 @@ class RayExecutor:
     def __init__(self, plan: Plan, address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
                  deadline: float = 30.0, dataplane: Dataplane | str = Dataplane.AUTO, rejoin_interval: float | None = 1.0,
                  connect_timeout: float = 10.0, ready_timeout: float = START_TIMEOUT, ping_timeout: float = 5.0,
-                 key: Key | None = None, trust_unsigned: bool = False) -> None:
+                 key: Key | None = None, trust_unsigned: bool = False, margin: float = LATE_MARGIN) -> None:
         try:
             plane = Dataplane.parse(dataplane, "dataplane")
         except ValueError as exc:
@@ -66,6 +67,7 @@ class RayExecutor:
         self.trust_unsigned = trust_unsigned
         self.router = Router(plan, allow_degraded)
         self.deadline = deadline
+        self.margin = margin  # a request is answered within its deadline plus this per re-route around a late device
         self.ping_timeout = min(ping_timeout, deadline)  # a live device answers a ping at once, even when busy
         self.dataplane = plane
         self.chosen: Dataplane | None = None if plane is Dataplane.AUTO else plane  # auto: decided by calibrate()
@@ -76,6 +78,7 @@ class RayExecutor:
         self.started_ray = raycluster.connect(plan.cluster, plan.devices, address, connect_timeout)
         self.cpus = raycluster.local_cpus(plan.cluster, plan.devices) if threads is None else {}
         self.down: dict[str, str] = {}  # device -> why ("died" | "silent")
+        self.late = LateDevices(lambda d: self.actors[d].ping.remote(), self._emit)
         self.listeners: list[Callable[[Event], None]] = []
         self._probes: dict[str, ray.ObjectRef] = {}
         self._last_probe = 0.0
@@ -84,9 +87,11 @@ class RayExecutor:
         self._compile_after = 0.0
         self._teardown: threading.Thread | None = None
         self._default: Session | None = None
-        self._models = {d: ray.put([(s.name, s.inputs, s.outputs, s.model) for s in self.router.specs if s.device == d])
-                        for d in plan.devices}
-        self.actors = {d: self._spawn(d) for d in plan.devices}
+        specs = (*self.router.specs, *self.router.standbys)  # a device holds its stages and its standbys
+        devices = tuple(dict.fromkeys(s.device for s in specs))
+        self._models = {d: ray.put([(s.name, s.inputs, s.outputs, s.model) for s in specs if s.device == d])
+                        for d in devices}
+        self.actors = {d: self._spawn(d) for d in devices}
         self._wait_ready(ready_timeout)
 
     # ---- actors ----
@@ -98,32 +103,10 @@ class RayExecutor:
                              self.plan.cluster.device(device).providers, self.seal, self.trust_unsigned)
 
     def _wait_ready(self, timeout: float) -> None:
-        """Every device's actor answers a ping within `timeout` seconds; a note every few seconds says who is late."""
-        refs = {d: a.ping.remote() for d, a in self.actors.items()}
-        start, ready = time.monotonic(), []
-        while len(ready) < len(refs):
-            left = timeout - (time.monotonic() - start)
-            if left <= 0:
-                break
-            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=min(left, START_NOTE_EVERY))
-            late = [d for d, r in refs.items() if r not in ready]
-            if late and time.monotonic() - start < timeout:
-                log.info("starting device actors: %d of %d ready after %.0f s (waiting for %s; up to %g s, "
-                         "--start-timeout)", len(ready), len(refs), time.monotonic() - start, ", ".join(late), timeout)
-        late = [d for d, r in refs.items() if r not in ready]
-        failed = []
-        for d, r in refs.items():
-            if r in ready:
-                try:
-                    ray.get(r)
-                except RayError as exc:
-                    failed.append(f"{d}: {_cause_line(exc)}")
-        if late or failed:
+        problems = raycluster.wait_ready(self.actors, timeout, _cause_line)
+        if problems:
             self.close()
-            raise raycluster.ClusterError(
-                "device actors did not start:\n  " + "\n  ".join(
-                    [f"{d}: not ready within {timeout:g} s (is its node alive and registered? a busy machine may "
-                     f"need a longer --start-timeout)" for d in late] + failed))
+            raise raycluster.ClusterError("device actors did not start:\n  " + "\n  ".join(problems))
 
     def check(self, devices: Iterable[str]) -> dict[str, str]:
         """Ping devices (not already down); those that fail are 'died', those that do not answer in time 'silent'."""
@@ -145,12 +128,24 @@ class RayExecutor:
     def mark_down(self, device: str, reason: str, stage: str, request: int) -> None:
         if device not in self.down:
             self.down[device] = reason
+            self.late.forget(device)
             self._probes.pop(device, None)
             self.drop_compiled()
             self._emit(DeviceLost(device, stage, request, reason))
 
+    def mark_late(self, device: str, stage: str, request: int, owed: list[Any]) -> None:
+        """Route around a device until the calls it `owed` have finished and it answers a ping."""
+        if device in self.down:
+            return
+        if self.late.add(device, owed):
+            self.drop_compiled()
+            self._emit(DeviceLate(device, stage, request))
+
     def probe(self, force: bool = False) -> tuple[str, ...]:
-        """Give down devices a chance to rejoin (non-blocking); returns the devices that rejoined."""
+        """Give down devices a chance to rejoin and late ones to catch up (non-blocking); returns the devices
+        that rejoined."""
+        for device in self.late.poll()[1]:
+            self.mark_down(device, "died", "", -1)
         now = time.monotonic()
         due = self.rejoin_interval is not None and now - self._last_probe >= self.rejoin_interval
         if not self.down or not (force or due):
@@ -193,15 +188,17 @@ class RayExecutor:
     # ---- compiled graph for the steady state (all devices up) ----
 
     def compiled_for(self, route: Route, arrays: Mapping[str, list[np.ndarray]], chunk: int = 1) -> Any:
-        if self.chosen != Dataplane.COMPILED or self.down or route.stand_ins:
+        if self.chosen != Dataplane.COMPILED or self.down or self.late or route.stand_ins:
             return None
         request_bytes = sum(values[0].nbytes for values in arrays.values() if values)
         if self._compiled is not None and (chunk > self._sized_for[0] or request_bytes > self._sized_for[1]):
             self.drop_compiled(cooldown=False)  # its channels are too small for these chunks: build a larger one
         if self._compiled is None:
+            if time.monotonic() < self._compile_after:
+                return None
             if self._teardown is not None:
                 self._teardown.join(TEARDOWN_WAIT)  # an actor taking part in two graphs at once is refused
-            if time.monotonic() < self._compile_after or (self._teardown is not None and self._teardown.is_alive()):
+            if self._teardown is not None and self._teardown.is_alive():
                 return None
             self._compiled = self._compile(route, arrays, chunk, request_bytes)
             self._sized_for = (chunk, request_bytes)
@@ -332,11 +329,13 @@ class _Chunk:
     arrays: list[dict[str, np.ndarray]] = field(default_factory=list)
     route: Route | None = None
     refs: dict[str, list[Any]] = field(default_factory=dict)  # stage -> output refs
+    values: dict[str, Any] = field(default_factory=dict)  # tensor -> its value or ref, for this route
     outputs: list[Any] = field(default_factory=list)
     compiled: Any = None  # a CompiledDAGRef when sent through the compiled graph, until it is read
     via_compiled: bool = False
     error: EdgesplitError | None = None  # the answer to every request of the chunk
     head_since: float | None = None
+    late_at: float | None = None  # when the stages still running are late: the deadline, then each margin after
 
     def inputs(self, names: Iterable[str]) -> dict[str, list[np.ndarray]]:
         return {t: [a[t] for a in self.arrays] for t in names}
@@ -428,12 +427,13 @@ class Session:
                 self._dispatch(c)
         return chunks
 
-    def _dispatch(self, req: _Chunk) -> None:
+    def _dispatch(self, req: _Chunk, keep: Mapping[str, list[Any]] | None = None) -> None:
+        """Send a chunk through its route; the calls in `keep` (stage -> refs) were made already and are reused."""
         ex = self.ex
         ex.probe()
         req.refs, req.outputs, req.compiled, req.via_compiled = {}, [], None, False
         try:
-            route = req.route = ex.router.route(frozenset(ex.down))
+            route = req.route = around_late(ex.router, frozenset(ex.down), ex.late.devices)
         except DeviceFailedError as exc:
             req.error = exc
             return
@@ -451,6 +451,7 @@ class Session:
                 return self._dispatch(req)
         dims = [ex.router.dims(a) for a in req.arrays] if route.stand_ins else []
         values: dict[str, Any] = dict(inputs)
+        req.values = values
         for spec in route.stages:
             for t in spec.inputs:  # a lost part is rebuilt on the device that reads it
                 if t in route.stand_ins and t not in values:
@@ -458,10 +459,13 @@ class Session:
                     # with no pieces, a live sibling part gives the dims the inputs do not bind
                     names = [p.tensor for p in s.pieces] or [n for n in s.siblings if n in values][:1]
                     values[t] = ex.actors[spec.device].rebuild.remote(s, dims, names, *(values[n] for n in names))
-            args = [values[t] for t in spec.inputs]
-            k = len(spec.outputs)
-            out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args, size=size)
-            req.refs[spec.name] = [out] if k == 1 else list(out)
+            if keep and spec.name in keep:
+                req.refs[spec.name] = keep[spec.name]
+            else:
+                args = [values[t] for t in spec.inputs]
+                k = len(spec.outputs)
+                out = ex.actors[spec.device].run.options(num_returns=k).remote(spec.name, *args, size=size)
+                req.refs[spec.name] = [out] if k == 1 else list(out)
             values.update(zip(spec.outputs, req.refs[spec.name]))
         outputs = [values[t] for t in ex.router.outputs]
         req.outputs = [v if isinstance(v, ray.ObjectRef) else ray.put(v) for v in outputs]
@@ -477,11 +481,15 @@ class Session:
                 return [req.error] * len(req.ids)
             if req.head_since is None:
                 req.head_since = time.monotonic()
+            if req.late_at is None:
+                req.late_at = req.head_since + self.ex.deadline * len(req.ids)
             self.ex.probe()
-            deadline = self.ex.deadline * len(req.ids)
-            left = max(0.0, req.head_since + deadline - time.monotonic())
+            left = max(0.0, req.late_at - time.monotonic())
             try:
                 values = self._wait(req, left)
+            except CompiledLate:
+                self._on_late(req, queue)
+                continue
             except RayError as exc:
                 self._on_error(req, queue, exc)
                 continue
@@ -494,8 +502,8 @@ class Session:
                     self.tally.answered(result.degraded)
                     answers.append(result)
                 return answers
-            if time.monotonic() >= req.head_since + deadline:
-                self._on_deadline(req, queue)
+            if time.monotonic() >= req.late_at:
+                self._on_late(req, queue)
 
     def _wait(self, req: _Chunk, left: float) -> list[list[np.ndarray]] | None:
         if req.compiled is not None:
@@ -507,6 +515,7 @@ class Session:
             except (RayChannelTimeoutError, GetTimeoutError) as exc:
                 raise CompiledLate(str(exc)) from None
         step = min(left, self.ex.rejoin_interval) if self.ex.down and self.ex.rejoin_interval else left
+        step = min(step, LATE_POLL) if self.ex.late else step
         ready, _ = ray.wait(req.outputs, num_returns=len(req.outputs), timeout=step)
         if len(ready) < len(req.outputs):
             return None
@@ -535,14 +544,32 @@ class Session:
         queue.popleft()
         queue.extendleft(reversed(singles))
 
-    def _on_deadline(self, req: _Chunk, queue: deque[_Chunk]) -> None:
+    def _on_late(self, req: _Chunk, queue: deque[_Chunk]) -> None:
+        """The head chunk missed its deadline: route it, and every chunk in flight through the same late devices,
+        around them (keeping the calls already made elsewhere); it then gets `margin` more seconds."""
+        ex = self.ex
+        req.late_at = time.monotonic() + ex.margin
+        if req.via_compiled:  # a compiled graph cannot tell which stage is late: run on actor calls, which can
+            ex.drop_compiled()
+            for r in queue:
+                if r.error is None and r.route is not None and (r is req or r.compiled is not None):
+                    self._dispatch(r)
+            return
         assert req.route is not None
-        lost = self.ex.check(req.route.devices)
-        if not lost:
-            stalled = self._stalled_stage(req)
-            if stalled is not None:
-                lost = {stalled: "silent"}  # answers pings, but its stage did not finish within the deadline
-        self._lose(req, queue, lost, rerun_compiled=False)
+        device_of = {s.name: s.device for s in req.route.stages}
+        for stage in late_stages(req.route, req.values):
+            ex.mark_late(device_of[stage], stage, req.ids[0], [])
+        late = ex.late.devices
+        for r in queue:
+            if r.error is not None or r.route is None or not (r.compiled is not None or r.route.devices & late):
+                continue
+            owed: dict[str, list[Any]] = {}
+            on = {s.name: s.device for s in r.route.stages}
+            for name, refs in r.refs.items():
+                owed.setdefault(on[name], []).extend(refs)
+            for device in late & set(owed):
+                ex.late.add(device, owed[device])
+            self._dispatch(r, keep=untouched(r.route, r.refs, late))
 
     def _lose(self, req: _Chunk, queue: deque[_Chunk], lost: Mapping[str, str], rerun_compiled: bool) -> None:
         for device, reason in lost.items():
@@ -555,14 +582,6 @@ class Session:
                     r is req or r.compiled is not None or rerun_compiled or r.route.devices & set(lost)):
                 self._dispatch(r)
         req.head_since = time.monotonic()
-
-    def _stalled_stage(self, req: _Chunk) -> str | None:
-        assert req.route is not None
-        for spec in req.route.stages:
-            refs = req.refs.get(spec.name, [])
-            if refs and len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) < len(refs):
-                return spec.device
-        return None
 
     def _failed_stage(self, req: _Chunk) -> tuple[str, str]:
         assert req.route is not None

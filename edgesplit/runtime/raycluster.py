@@ -6,17 +6,21 @@ Convention shared with `edgesplit device join`: a node that hosts device NAME ad
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from edgesplit.cluster import Cluster
 from edgesplit.errors import ClusterError
 from edgesplit.runtime.raynodes import RESOURCE_PREFIX as RESOURCE
 from edgesplit.runtime.raynodes import private_local_token, probe, require_token_auth, resource
 
-__all__ = ["Host", "check_devices", "connect", "hosts", "local_cpus", "probe_head", "resource"]
+__all__ = ["Host", "check_devices", "connect", "hosts", "local_cpus", "probe_head", "resource", "wait_ready"]
+log = logging.getLogger("edgesplit")
 
 
 @dataclass(frozen=True)
@@ -128,3 +132,34 @@ def local_cpus(cluster: Cluster, devices: Iterable[str]) -> dict[str, tuple[int,
         return {}
     starts = [sum(cores[:i]) for i in range(len(cores))]
     return {d: tuple(free[s:s + n]) for d, s, n in zip(devices, starts, cores)}
+
+
+START_NOTE_EVERY = 5.0  # seconds between progress notes while device actors start
+
+
+def wait_ready(actors: Mapping[str, Any], timeout: float, cause: Callable[[BaseException], str]) -> list[str]:
+    """Wait up to `timeout` seconds for every device's actor to answer a ping, with a note every few seconds on who
+    is still starting; returns what went wrong, one line per device (empty: all are ready)."""
+    import ray
+    from ray.exceptions import RayError
+
+    refs = {d: a.ping.remote() for d, a in actors.items()}
+    start, ready = time.monotonic(), []
+    while len(ready) < len(refs):
+        left = timeout - (time.monotonic() - start)
+        if left <= 0:
+            break
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=min(left, START_NOTE_EVERY))
+        late = [d for d, r in refs.items() if r not in ready]
+        if late and time.monotonic() - start < timeout:
+            log.info("starting device actors: %d of %d ready after %.0f s (waiting for %s; up to %g s, "
+                     "--start-timeout)", len(ready), len(refs), time.monotonic() - start, ", ".join(late), timeout)
+    problems = [f"{d}: not ready within {timeout:g} s (is its node alive and registered? a busy machine may need a "
+                "longer --start-timeout)" for d, r in refs.items() if r not in ready]
+    for d, r in refs.items():
+        if r in ready:
+            try:
+                ray.get(r)
+            except RayError as exc:
+                problems.append(f"{d}: {cause(exc)}")
+    return problems

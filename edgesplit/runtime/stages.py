@@ -36,6 +36,13 @@ def stage_specs(plan: Plan) -> tuple[StageSpec, ...]:
     return tuple(StageSpec(s.name, s.device, s.inputs, s.outputs, plan.stage_models[s.name]) for s in plan.stages)
 
 
+def standby_specs(plan: Plan) -> tuple[StageSpec, ...]:
+    """The plan's standby stages: each its stage's name, files and tensors, on the standby's device."""
+    stage = {s.name: s for s in plan.stages}
+    return tuple(StageSpec(s.stage, s.device, stage[s.stage].inputs, stage[s.stage].outputs,
+                           plan.stage_models[s.stage]) for s in plan.standbys)
+
+
 def declared(specs: tuple[StageSpec, ...]) -> dict[str, Declared]:
     """Every stage boundary tensor's declared type, read from the stage models' inputs and outputs."""
     out: dict[str, Declared] = {}
