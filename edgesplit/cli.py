@@ -399,6 +399,8 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
         task = progress.add_task("evaluating", total=prepared.steps)
         rows, first = study.evaluate_all(prepared, f, lambda: progress.advance(task))
     console.print(report.table(rows, prepared.study))
+    if any(r.policy is Policy.PARITY for r in rows):
+        console.print(report.coded_line(prepared.study.coded_memory()))
     console.print(f"evaluated {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
     for path in study.write(rows, prepared, request, first, json_path, plot_path, output):
         console.print(f"wrote {path}")

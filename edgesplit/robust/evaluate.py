@@ -23,7 +23,8 @@ from edgesplit.plan import Plan
 from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
 from edgesplit.robust.importance import Importance, importance
-from edgesplit.robust.policies import Policy, replicas
+from edgesplit.rewrite.coded import add_coded, placement_with
+from edgesplit.robust.policies import Policy, coded, replicas
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 BATCH = 256
@@ -132,6 +133,42 @@ def max_macs(plan: Plan) -> int:
 
 
 @dataclass(frozen=True)
+class CodedMemory:
+    """The parity policy's cost on the layers it codes: max per-device parameter bytes, coded and plain."""
+
+    regions: tuple[str, ...]
+    coded_bytes: int
+    plain_bytes: int
+    devices: int
+
+    @property
+    def ratio(self) -> float:
+        return self.coded_bytes / self.plain_bytes
+
+    @property
+    def bound(self) -> float:
+        """N/(N−1): what holding one extra part's worth of the layer costs."""
+        return self.devices / (self.devices - 1)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"regions": list(self.regions), "memory_vs_plain": self.ratio, "bound": self.bound}
+
+
+def region_param_bytes(graph: Graph, names: Sequence[str]) -> int:
+    """The max over devices of the parameter bytes of the named regions' parts and coded parts on each."""
+    per_device: dict[str, int] = {}
+    for region in graph.regions:
+        if region.name not in names:
+            continue
+        holders = [(p.device, p.nodes) for p in region.parts] + \
+            ([(region.coded.device, region.coded.nodes)] if region.coded else [])
+        for device, nodes in holders:
+            weights = {w for n in nodes for w in graph.layer(n).weights}
+            per_device[str(device)] = per_device.get(str(device), 0) + sum(graph.tensors[w].nbytes for w in weights)
+    return max(per_device.values(), default=0)
+
+
+@dataclass(frozen=True)
 class Study:
     """Everything one `robustness` run compares, evaluated by `run`."""
 
@@ -146,9 +183,24 @@ class Study:
     sets: Mapping[int, Sequence[FailureSet]]
 
     def plan(self, policy: Policy, r: float, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
-        requests = replicas(self.graph, policy, scores, r, f=f)
-        graph, placement = with_replicas(self.graph, self.placement, requests)
+        if policy is Policy.PARITY:
+            graph, placement = self.coded_layout()
+        else:
+            graph, placement = with_replicas(self.graph, self.placement, replicas(self.graph, policy, scores, r, f=f))
         return plan_of(graph, self.cluster, placement)
+
+    def coded_layout(self) -> tuple[Graph, dict[str, str]]:
+        """The parity policy's graph (its linear regions coded) and placement."""
+        graph, added = add_coded(self.graph, coded(self.graph))
+        return graph, placement_with(self.placement, graph, added)
+
+    def coded_memory(self) -> CodedMemory:
+        """The coded regions' max per-device parameter bytes, against the same regions' in the plain split."""
+        graph, _ = self.coded_layout()
+        regions = [r for r in graph.regions if r.coded is not None]
+        names = tuple(r.name for r in regions)
+        devices = max(len(r.parts) + 1 for r in regions)
+        return CodedMemory(names, region_param_bytes(graph, names), region_param_bytes(self.graph, names), devices)
 
     def evaluate(self, policy: Policy, r: float, plan: Plan,
                  on_step: Callable[[], None] = lambda: None) -> Row:

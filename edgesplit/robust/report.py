@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from edgesplit.robust.evaluate import Row, Study
+from edgesplit.robust.evaluate import CodedMemory, Row, Study
 from edgesplit.robust.policies import Policy
 
 
@@ -29,6 +29,11 @@ def table(rows: Sequence[Row], study: Study) -> Table:
         cells += [c for k in sizes for c in (f"{row.mean(k):.4f}", f"{row.worst(k):.4f}")]
         out.add_row(*cells)
     return out
+
+
+def coded_line(memory: CodedMemory) -> str:
+    return (f"parity: {len(memory.regions)} coded region(s); their max per-device parameter memory is "
+            f"{memory.ratio:.3f}x the plain split's (N/(N-1) = {memory.bound:.3f})")
 
 
 def document(rows: Sequence[Row], study: Study, model: str, importance: str) -> dict[str, Any]:

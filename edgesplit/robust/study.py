@@ -20,7 +20,7 @@ from edgesplit.robust import data, report
 from edgesplit.robust.evaluate import Row, Samples, Study, prepare
 from edgesplit.robust.fills import mean_fills
 from edgesplit.robust.importance import Importance, importance
-from edgesplit.robust.policies import Policy, check_fractions
+from edgesplit.robust.policies import Policy, check_fractions, coded
 
 log = logging.getLogger("edgesplit")
 STRATEGIES = (Strategy.HORIZONTAL.value, Strategy.HEADS.value)
@@ -54,8 +54,9 @@ class Prepared:
 
 
 def configs(policies: Sequence[Policy], rs: Sequence[float]) -> list[tuple[Policy, float]]:
-    """(policy, r) pairs in the order asked: `none` and `full` once each (r 0 and 1), the others at every r."""
-    fixed = {Policy.NONE: 0.0, Policy.FULL: 1.0}
+    """(policy, r) pairs in the order asked: `none`, `full` and `parity` once each (r 0, 1 and 0), the others at
+    every r."""
+    fixed = {Policy.NONE: 0.0, Policy.FULL: 1.0, Policy.PARITY: 0.0}
     out = [(p, r) for p in policies for r in ([fixed[p]] if p in fixed else rs)]
     return list(dict.fromkeys(out))
 
@@ -81,6 +82,8 @@ def prepare_request(req: Request) -> Prepared:
     log.info("metric: %s; %d evaluated samples; failure sets over %s%s", study.metric.value, len(samples),
              [d for d in req.cluster.names if d not in study.fatal],
              f" (left out, their loss is fatal: {list(study.fatal)})" if study.fatal else "")
+    if Policy.PARITY in req.policies:
+        coded(rewritten)  # a clear error now, before any evaluation, when no region is linear
     ranked = any(p in (Policy.VITAL, Policy.RANDOM, Policy.K_OF_N) for p in req.policies)
     activation = calibration and dict(calibration.inputs) if req.importance is Importance.ACTIVATION else None
     scores = importance(rewritten, req.importance, activation) if ranked else None
@@ -116,6 +119,8 @@ def write(rows: Sequence[Row], prepared: Prepared, req: Request, plan: Plan, jso
             path.parent.mkdir(parents=True, exist_ok=True)
     if json_path is not None:
         doc = report.document(rows, prepared.study, str(req.model), req.importance.value)
+        if any(r.policy is Policy.PARITY for r in rows):
+            doc["parity"] = prepared.study.coded_memory().to_dict()
         json_path.write_text(json.dumps(doc, indent=1))
         written.append(str(json_path))
     if plot_path is not None:

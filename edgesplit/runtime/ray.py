@@ -456,7 +456,7 @@ class Session:
                 if t in route.stand_ins and t not in values:
                     s = route.stand_ins[t]
                     # with no pieces, a live sibling part gives the dims the inputs do not bind
-                    names = [p.tensor for p in s.pieces] or [n for n in s.siblings if n in values][:1]
+                    names = list(s.sources) or [n for n in s.siblings if n in values][:1]
                     values[t] = ex.actors[spec.device].rebuild.remote(s, dims, names, *(values[n] for n in names))
             args = [values[t] for t in spec.inputs]
             k = len(spec.outputs)
