@@ -356,13 +356,14 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML describing the devices.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help=".npz keyed by the model's input names (leading sample axis), plus optional 'labels'.")
-@click.option("--calibration", type=click.Path(path_type=Path), help=".npz for activation importance "
-              "(default: a separate first slice of --data).")
+@click.option("--calibration", type=click.Path(path_type=Path), help=".npz for activation / ablation importance "
+              "and mean fills (default: a separate first slice of --data).")
 @click.option("--policy", "policies", default="none,full,random,vital,k-of-n", show_default=True,
               help="Comma-separated replication policies.")
 @click.option("--r", "rs", default="0,0.1,0.25,0.5", show_default=True, help="Comma-separated vital fractions.")
-@click.option("--importance", "importance_", type=click.Choice(["weight", "activation"]), default="weight",
-              show_default=True)
+@click.option("--importance", "importance_", default="weight", show_default=True,
+              help="Comma-separated unit importance scores: weight (data-free), activation, ablation (measured "
+                   "output change); several compare the ranked policies' rows.")
 @click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
 @click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
 @click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine"]), default=None,
@@ -390,7 +391,8 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
     request = study.Request(
         model, _cluster(devices, cluster), data_path, calibration,
         tuple(_parsed(Policy, p, "--policy") for p in data.parse_list(policies, str, "--policy")),
-        tuple(data.parse_list(rs, float, "--r")), Importance(importance_),
+        tuple(data.parse_list(rs, float, "--r")),
+        tuple(_parsed(Importance, m, "--importance") for m in data.parse_list(importance_, str, "--importance")),
         tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill))
     t0 = time.perf_counter()
     prepared = study.prepare_request(request)

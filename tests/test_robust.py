@@ -237,3 +237,42 @@ def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
     assert all(s["value"] == pytest.approx(1.0, abs=1e-6) for s in full["failures"]["1"]["sets"])
     assert all(s["value"] < 1 - 1e-5 for s in none["failures"]["1"]["sets"])
     assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
+
+
+def test_ablation_scores_are_the_measured_output_change_of_removing_a_unit(tmp_path):
+    from test_parity import linear_model
+
+    from edgesplit.robust import ablation
+
+    source = load(linear_model(tmp_path / "linear.onnx"))
+    rewritten, _ = layout(source, Cluster.simulated(4), strategy="horizontal")
+    x = np.random.default_rng(2).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    scores = importance(rewritten, "ablation", {"input": x})
+    logits = run_whole_model(source.model, {"input": x})["logits"]
+    # the last region's units are the logits themselves: removing one changes the output by its magnitude
+    np.testing.assert_allclose(scores[rewritten.regions[-1].name], np.abs(logits).mean(axis=0), rtol=1e-5)
+    # the first region's: zero one output channel of the Conv in the unsplit model and measure
+    conv = rewritten.regions[0]
+    for unit in (0, 7):
+        changed = onnx.load(str(source.path))
+        w = next(t for t in changed.graph.initializer if t.name == "w1")
+        b = next(t for t in changed.graph.initializer if t.name == "b1")
+        for t in (w, b):
+            a = onnx.numpy_helper.to_array(t).copy()
+            a[unit] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+        got = run_whole_model(changed, {"input": x})["logits"]
+        assert scores[conv.name][unit] == pytest.approx(np.linalg.norm(got - logits, axis=1).mean(), rel=1e-4)
+    assert ablation.SAMPLES >= len(x)
+
+
+def test_several_importance_scores_are_compared_row_by_row(mnist_files, tmp_path):
+    result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz", "--policy",
+                  "none,vital", "--r", "0.1", "--importance", "weight,activation,ablation",
+                  "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "importance" in result.output and "ablation" in result.output
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["policy"], r.get("importance")) for r in rows] == [
+        ("none", None), ("vital", "weight"), ("vital", "activation"), ("vital", "ablation")]
+    assert len({r["failures"]["1"]["mean"] for r in rows[1:]}) > 1  # the rankings differ

@@ -62,6 +62,7 @@ class Row:
     macs_vs_plain: float
     fault_free: float
     failures: Mapping[int, Mapping[FailureSet, float | None]] = field(default_factory=dict)  # None: request failed
+    importance: str = ""  # set when rows of several importance scores are compared
 
     def mean(self, size: int) -> float:
         return float(np.mean([v or 0.0 for v in self.failures[size].values()]))
@@ -70,8 +71,11 @@ class Row:
         return float(min(v or 0.0 for v in self.failures[size].values()))
 
     def to_dict(self) -> dict[str, object]:
-        return {"policy": self.policy.value, "r": self.r, "memory_vs_plain": self.memory_vs_plain,
-                "macs_vs_plain": self.macs_vs_plain, "fault_free": self.fault_free,
+        d: dict[str, object] = {"policy": self.policy.value, "r": self.r}
+        if self.importance:
+            d["importance"] = self.importance
+        return {**d, "memory_vs_plain": self.memory_vs_plain, "macs_vs_plain": self.macs_vs_plain,
+                "fault_free": self.fault_free,
                 "failures": {str(k): {"mean": self.mean(k), "worst": self.worst(k),
                                       "sets": [{"failed": list(s), "value": v} for s, v in sets.items()]}
                              for k, sets in self.failures.items()}}
