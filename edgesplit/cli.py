@@ -366,8 +366,9 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
                    "output change); several compare the ranked policies' rows.")
 @click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
 @click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
-@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine"]), default=None,
-              help="Override the metric (default: accuracy with labels, else chosen from the output shape).")
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token"]), default=None,
+              help="Override the metric (default: accuracy with labels, else chosen from the output shape: "
+                   "next-token agreement, plus perplexity, for language-model logits).")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
 @click.option("--fill", type=click.Choice(["zeros", "mean"]), default="zeros", show_default=True,
               help="What stands in for units no copy holds: zeros, or their means on the calibration slice.")

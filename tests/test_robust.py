@@ -276,3 +276,34 @@ def test_several_importance_scores_are_compared_row_by_row(mnist_files, tmp_path
     assert [(r["policy"], r.get("importance")) for r in rows] == [
         ("none", None), ("vital", "weight"), ("vital", "activation"), ("vital", "ablation")]
     assert len({r["failures"]["1"]["mean"] for r in rows[1:]}) > 1  # the rankings differ
+
+
+def test_a_language_model_is_scored_by_next_token_agreement_and_perplexity(tmp_path):
+    import torch
+
+    from edgesplit.bench import transformers_zoo as tz
+
+    model = tz.gpt2(tz.default_cache_dir(), kv_cache=False).path  # random weights, logits [batch, seq, 512]
+    ids = np.random.default_rng(3).integers(0, 512, (12, 6)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(6), ids.shape).copy()}
+    np.savez(tmp_path / "tokens.npz", **feeds)
+    args = [model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "tokens.npz", "--policy", "none,full"]
+    result = _cli(*args, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "next-token" in result.output and "perplexity" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["metric"] == "next-token"
+    none, full = doc["rows"]
+    logits = torch.from_numpy(run_whole_model(str(model), feeds)["logits"])
+    want = torch.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512),
+                                                       torch.from_numpy(ids[:, 1:]).reshape(-1))).item()
+    for row in (none, full):
+        assert row["fault_free"] == 1.0
+        assert row["perplexity"]["fault_free"] == pytest.approx(want, rel=1e-4)
+    assert full["failures"]["1"]["worst"] == 1.0 and full["perplexity"]["1"]["worst"] == pytest.approx(want, rel=1e-4)
+    assert none["failures"]["1"]["mean"] < 0.9
+    overridden = _cli(*args, "--metric", "cosine", "--json", tmp_path / "c.json")
+    assert overridden.exit_code == 0, overridden.output
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["metric"] == "cosine" and "perplexity" not in doc["rows"][0]

@@ -25,10 +25,18 @@ def table(rows: Sequence[Row], study: Study) -> Table:
     for k in sizes:
         out.add_column(f"{k} failed: mean", justify="right")
         out.add_column(f"{k} failed: worst", justify="right")
+    perplexity = all(r.perplexity for r in rows)
+    if perplexity:
+        out.add_column("perplexity", justify="right")
+        for k in sizes:
+            out.add_column(f"{k} failed: mean / worst", justify="right")
     for row in rows:
         cells = [row.policy.value, *((row.importance or "-",) if compared else ()), f"{row.r:g}",
                  f"{row.memory_vs_plain:.3f}", f"{row.macs_vs_plain:.3f}", f"{row.fault_free:.4f}"]
         cells += [c for k in sizes for c in (f"{row.mean(k):.4f}", f"{row.worst(k):.4f}")]
+        if perplexity:
+            cells += [f"{row.perplexity[()]:.2f}"]
+            cells += [f"{row.mean_perplexity(k):.2f} / {row.worst_perplexity(k):.2f}" for k in sizes]
         out.add_row(*cells)
     return out
 

@@ -86,7 +86,9 @@ def prepare_request(req: Request) -> Prepared:
     if req.fill is Fill.MEAN:
         rewritten = mean_fills(rewritten, dict(calibration.inputs))
     study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric)
-    log.info("metric: %s; %d evaluated samples; failure sets over %s%s", study.metric.value, len(samples),
+    log.info("metric: %s%s; %d evaluated samples; failure sets over %s%s", study.metric.value,
+             f" (and perplexity of {study.tokens!r})" if study.tokens and study.metric.value == "next-token" else "",
+             len(samples),
              [d for d in req.cluster.names if d not in study.fatal],
              f" (left out, their loss is fatal: {list(study.fatal)})" if study.fatal else "")
     if Policy.PARITY in req.policies:
