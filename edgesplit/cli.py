@@ -369,6 +369,8 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token"]), default=None,
               help="Override the metric (default: accuracy with labels, else chosen from the output shape: "
                    "next-token agreement, plus perplexity, for language-model logits).")
+@click.option("--score-output", "score_output", help="The model output scored (default: the first), e.g. a "
+              "pooled sentence embedding.")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
 @click.option("--fill", type=click.Choice(["zeros", "mean"]), default="zeros", show_default=True,
               help="What stands in for units no copy holds: zeros, or their means on the calibration slice.")
@@ -376,8 +378,9 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: metric vs memory.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r as a plan dir.")
 def robustness(model: Path, devices: int | None, cluster: Path | None, data_path: Path, calibration: Path | None,
-               policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None, f: int,
-               fill: str, json_path: Path | None, plot_path: Path | None, output: Path | None) -> None:
+               policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None,
+               score_output: str | None, f: int, fill: str, json_path: Path | None, plot_path: Path | None,
+               output: Path | None) -> None:
     """Accuracy (or fidelity) of replication policies under every failure set, against their memory."""
     import time
 
@@ -394,7 +397,8 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
         tuple(_parsed(Policy, p, "--policy") for p in data.parse_list(policies, str, "--policy")),
         tuple(data.parse_list(rs, float, "--r")),
         tuple(_parsed(Importance, m, "--importance") for m in data.parse_list(importance_, str, "--importance")),
-        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill))
+        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill),
+        score_output)
     t0 = time.perf_counter()
     prepared = study.prepare_request(request)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

@@ -205,6 +205,8 @@ def _no_regions_model(path: Path) -> Path:
     ({"--data": "wrong_shape.npz"}, "expected shape"),
     ({"--data": "short_labels.npz"}, "expected 'labels' to be 20 integers"),
     ({"model": "no_regions"}, "horizontal regions"),
+    ({"--score-output": "embedding"}, "expected an output of the model (['logits']) to score, got 'embedding'"),
+    ({"--importance": "weight,gradient"}, "expected one of ['weight', 'activation', 'ablation']"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(mnist_files, tmp_path, change, message):
     model = _no_regions_model(tmp_path / "plain.onnx") if change.get("model") else shipped_model("mnist_cnn")

@@ -99,7 +99,7 @@ class Row:
 
 
 def choose_metric(plan: Plan, labels: np.ndarray | None, override: Metric | str | None = None,
-                  vocabulary: int | None = None) -> Metric:
+                  vocabulary: int | None = None, output: str | None = None) -> Metric:
     """Accuracy with labels; else from the first output's shape: [batch, sequence, vocabulary] scores over the
     token embedding's rows (a language model) give next-token agreement, one score vector per sample gives
     agreement, anything else cosine similarity."""
@@ -110,7 +110,7 @@ def choose_metric(plan: Plan, labels: np.ndarray | None, override: Metric | str 
         return metric
     if labels is not None:
         return Metric.ACCURACY
-    shape = plan.outputs[0].shape
+    shape = next(t for t in plan.outputs if t.name == (output or plan.outputs[0].name)).shape
     if len(shape) == 3 and vocabulary is not None and shape[-1] == vocabulary:
         return Metric.NEXT_TOKEN
     return Metric.AGREEMENT if len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2) else Metric.COSINE
@@ -165,9 +165,11 @@ def failure_sets(devices: Sequence[str], sizes: Sequence[int]) -> dict[int, list
     return {k: list(itertools.combinations(devices, k)) for k in sizes}
 
 
-def run_batched(executor: LocalExecutor, samples: Samples, failed: FailureSet = (), batch: int = BATCH) -> np.ndarray:
-    """The plan's first output over all samples (raises DeviceFailedError if the failure set is fatal)."""
-    name = executor.plan.outputs[0].name
+def run_batched(executor: LocalExecutor, samples: Samples, failed: FailureSet = (), batch: int = BATCH,
+                output: str | None = None) -> np.ndarray:
+    """The plan's first output (or `output`) over all samples (raises DeviceFailedError if the failure set is
+    fatal)."""
+    name = output or executor.plan.outputs[0].name
     parts = [executor.run(samples.take(slice(i, i + batch)).inputs, failed=failed).outputs[name]
              for i in range(0, len(samples), batch)]
     return np.concatenate(parts, axis=0)
@@ -233,6 +235,7 @@ class Study:
     sets: Mapping[int, Sequence[FailureSet]]
     tokens: str | None = None  # the input holding token ids (language models)
     mask: str | None = None  # the attention mask input of the same shape, weighting positions
+    output: str | None = None  # the model output scored (default: the first)
 
     def plan(self, policy: Policy, r: float, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
         if policy is Policy.PARITY:
@@ -271,7 +274,7 @@ class Study:
     def _score(self, executor: LocalExecutor, failed: FailureSet) -> tuple[float | None, float | None]:
         """The metric on every sample, and the perplexity for a language model whose tokens the data gives."""
         try:
-            output = run_batched(executor, self.samples, failed)
+            output = run_batched(executor, self.samples, failed, output=self.output)
         except DeviceFailedError:
             return None, None
         mask = self.samples.inputs.get(self.mask) if self.mask else None
@@ -286,8 +289,11 @@ class Study:
 
 
 def prepare(rewritten: Graph, placement: Mapping[str, str], cluster: Cluster, source: Graph, samples: Samples,
-            sizes: Sequence[int], metric: Metric | str | None = None) -> Study:
-    """A study of the rewritten graph's regions on the evaluated samples, failure sets of the given sizes."""
+            sizes: Sequence[int], metric: Metric | str | None = None, output: str | None = None) -> Study:
+    """A study of the rewritten graph's regions on the evaluated samples, failure sets of the given sizes,
+    scoring `output` (default: the model's first)."""
+    if output is not None and output not in source.outputs:
+        raise InputError(f"expected an output of the model ({list(source.outputs)}) to score, got {output!r}")
     plain = plan_of(rewritten, cluster, placement)
     fatal = fatal_devices(plain)
     holders = [d for d in plain.devices if d not in fatal and any(p.device == d for r in plain.regions
@@ -297,12 +303,12 @@ def prepare(rewritten: Graph, placement: Mapping[str, str], cluster: Cluster, so
         raise InputError(f"expected failure sizes of at most {len(holders)} (devices holding parts whose loss is not "
                          f"fatal: {holders}; fatal: {fatal}), got {too_big}")
     tokens, vocabulary = token_inputs(source)
-    chosen = choose_metric(plain, samples.labels, metric, vocabulary)
-    reference = _whole(source, samples, plain.outputs[0].name)
+    chosen = choose_metric(plain, samples.labels, metric, vocabulary, output)
+    reference = _whole(source, samples, output or plain.outputs[0].name)
     mask = next((n for n in source.inputs if "mask" in n.lower() and tokens and
                  samples.inputs[n].shape == samples.inputs[tokens].shape), None)
     return Study(rewritten, dict(placement), cluster, samples, chosen, reference, plain, tuple(fatal),
-                 failure_sets(holders, sizes), tokens, mask)
+                 failure_sets(holders, sizes), tokens, mask, output)
 
 
 def _whole(source: Graph, samples: Samples, name: str) -> np.ndarray:

@@ -41,6 +41,7 @@ class Request:
     metric: str | None = None
     f: int = 1  # failures k-of-n tolerates
     fill: Fill = Fill.ZEROS
+    output: str | None = None  # the model output scored (default: the first)
 
 
 Config = tuple[Policy, float, Importance | None]  # importance only for the ranked policies
@@ -85,7 +86,7 @@ def prepare_request(req: Request) -> Prepared:
     calibration, samples = _calibration(req, source, samples)
     if req.fill is Fill.MEAN:
         rewritten = mean_fills(rewritten, dict(calibration.inputs))
-    study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric)
+    study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric, req.output)
     log.info("metric: %s%s; %d evaluated samples; failure sets over %s%s", study.metric.value,
              f" (and perplexity of {study.tokens!r})" if study.tokens and study.metric.value == "next-token" else "",
              len(samples),
