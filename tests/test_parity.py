@@ -122,11 +122,14 @@ def test_the_cli_shows_the_coded_layers_memory_and_refuses_parity_without_linear
     path, study, _, _ = linear
     np.savez(tmp_path / "data.npz", input=study.samples.inputs["input"])
     result = CliRunner().invoke(main, ["robustness", str(path), "--devices", "4", "--data", str(tmp_path / "data.npz"),
-                                       "--policy", "none,parity", "--json", str(tmp_path / "r.json")])
+                                       "--policy", "parity,none", "--json", str(tmp_path / "r.json"),
+                                       "-o", str(tmp_path / "plan")])
     assert result.exit_code == 0, result.output
+    verified = CliRunner().invoke(main, ["verify", str(tmp_path / "plan")])
+    assert verified.exit_code == 0 and "yes" in verified.output, verified.output
     assert "parity: 2 coded region(s)" in " ".join(result.output.split())
     doc = json.loads((tmp_path / "r.json").read_text())
-    assert [r["policy"] for r in doc["rows"]] == ["none", "parity"]
+    assert [r["policy"] for r in doc["rows"]] == ["parity", "none"]
     assert doc["parity"]["memory_vs_plain"] <= doc["parity"]["bound"] * 1.05
     mnist = tmp_path / "mnist.npz"
     np.savez(mnist, input=np.zeros((8, 1, 28, 28), np.float32))

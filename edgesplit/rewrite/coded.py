@@ -47,13 +47,19 @@ class _Linear:
     bias_axis: int
 
 
-def linear_problem(graph: Graph, region: Region) -> str:
-    """Why `region` cannot take a coded part ('' when it can)."""
-    try:
-        _linear(Editor(graph), region)
-    except NotLinearError as exc:
-        return str(exc)
-    return ""
+def linear_problems(graph: Graph, regions: Sequence[Region]) -> dict[str, str]:
+    """Per region, why it cannot take a coded part ('' when it can)."""
+    ed = Editor(graph)
+    out = {}
+    for region in regions:
+        try:
+            _linear(ed, region)
+            out[region.name] = ""
+        except NotLinearError as exc:
+            out[region.name] = str(exc)
+        if not out[region.name] and len({p.device for p in region.parts}) < 2:
+            out[region.name] = f"region {region.name!r}: parity needs its parts on at least 2 devices"
+    return out
 
 
 def add_coded(graph: Graph, requests: Sequence[CodedRequest]) -> tuple[Graph, dict[str, str]]:
@@ -186,12 +192,14 @@ def _rewire(ed: Editor, region: Region, outputs: Sequence[str]) -> None:
     combine.input.extend([*outputs, *rest])
 
 
-def rotation(devices: Sequence[str], k: int) -> CodedRequest | None:
-    """The k-th coded region's devices: the coded part on devices[k mod N], the parts on the others."""
+def rotation(region: Region, k: int) -> CodedRequest:
+    """The k-th coded region's devices: the coded part on the k-th of its devices (mod N), the parts on the
+    others, so no device holds every coded part."""
+    devices = list(dict.fromkeys(p.device for p in region.parts if p.device is not None))
     if len(devices) < 2:
-        return None
+        raise NotLinearError(f"region {region.name!r}: parity needs at least 2 devices, got {devices}")
     coded = devices[k % len(devices)]
-    return CodedRequest("", tuple(d for d in devices if d != coded), coded)
+    return CodedRequest(region.name, tuple(d for d in devices if d != coded), coded)
 
 
 def placement_with(placement: Mapping[str, str], graph: Graph, added: Mapping[str, str]) -> dict[str, str]:

@@ -28,7 +28,7 @@ import numpy as np
 from edgesplit.errors import MappingError
 from edgesplit.graph import Graph
 from edgesplit.layout import Choice, Region, ReplicaMode
-from edgesplit.rewrite.coded import CodedRequest, linear_problem, rotation
+from edgesplit.rewrite.coded import CodedRequest, linear_problems, rotation
 from edgesplit.rewrite.replicas import ReplicaRequest
 
 
@@ -73,7 +73,7 @@ def replicas(graph: Graph, policy: Policy | str, importance: Mapping[str, np.nda
 def coded(graph: Graph, only: Sequence[str] | None = None) -> list[CodedRequest]:
     """The parity policy's coded regions: every linear one (or the regions named in `only`, each of which must
     be linear), the coded part on the next device of the region's in turn."""
-    problems = {r.name: linear_problem(graph, r) for r in graph.regions if only is None or r.name in only}
+    problems = linear_problems(graph, [r for r in graph.regions if only is None or r.name in only])
     unknown = sorted(set(only or ()) - {r.name for r in graph.regions})
     if unknown:
         raise MappingError(f"parity: unknown regions {unknown}; expected some of {[r.name for r in graph.regions]}")
@@ -84,12 +84,7 @@ def coded(graph: Graph, only: Sequence[str] | None = None) -> list[CodedRequest]
     if not linear:
         raise MappingError(f"parity: expected linear regions (a Conv / Gemm / MatMul split by output channels, then "
                            f"at most a bias, meeting at a Concat), got none: " + "; ".join(reasons[:3]))
-    requests = []
-    for k, region in enumerate(linear):
-        req = rotation(region_devices(region), k)
-        if req is not None:
-            requests.append(CodedRequest(region.name, req.devices, req.coded))
-    return requests
+    return [rotation(region, k) for k, region in enumerate(linear)]
 
 
 def check_fractions(r: Fractions, regions: Sequence[Region]) -> None:
