@@ -375,17 +375,21 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--cluster", type=click.Path(path_type=Path), help="Cluster YAML describing the devices.")
 @click.option("--data", "data_path", type=click.Path(path_type=Path), required=True,
               help=".npz keyed by the model's input names (leading sample axis), plus optional 'labels'.")
-@click.option("--calibration", type=click.Path(path_type=Path), help=".npz for activation importance "
-              "(default: a separate first slice of --data).")
+@click.option("--calibration", type=click.Path(path_type=Path), help=".npz for activation / ablation importance "
+              "and mean fills (default: a separate first slice of --data).")
 @click.option("--policy", "policies", default="none,full,random,vital,k-of-n", show_default=True,
               help="Comma-separated replication policies.")
 @click.option("--r", "rs", default="0,0.1,0.25,0.5", show_default=True, help="Comma-separated vital fractions.")
-@click.option("--importance", "importance_", type=click.Choice(["weight", "activation"]), default="weight",
-              show_default=True)
+@click.option("--importance", "importance_", default="weight", show_default=True,
+              help="Comma-separated unit importance scores: weight (data-free), activation, ablation (measured "
+                   "output change); several compare the ranked policies' rows.")
 @click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
 @click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
-@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine"]), default=None,
-              help="Override the metric (default: accuracy with labels, else chosen from the output shape).")
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token"]), default=None,
+              help="Override the metric (default: accuracy with labels, else chosen from the output shape: "
+                   "next-token agreement, plus perplexity, for language-model logits).")
+@click.option("--score-output", "score_output", help="The model output scored (default: the first), e.g. a "
+              "pooled sentence embedding.")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
 @click.option("--fill", type=click.Choice(["zeros", "mean"]), default="zeros", show_default=True,
               help="What stands in for units no copy holds: zeros, or their means on the calibration slice.")
@@ -393,8 +397,9 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: metric vs memory.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r as a plan dir.")
 def robustness(model: Path, devices: int | None, cluster: Path | None, data_path: Path, calibration: Path | None,
-               policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None, f: int,
-               fill: str, json_path: Path | None, plot_path: Path | None, output: Path | None) -> None:
+               policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None,
+               score_output: str | None, f: int, fill: str, json_path: Path | None, plot_path: Path | None,
+               output: Path | None) -> None:
     """Accuracy (or fidelity) of replication policies under every failure set, against their memory."""
     import time
 
@@ -409,8 +414,10 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
     request = study.Request(
         model, _cluster(devices, cluster), data_path, calibration,
         tuple(_parsed(Policy, p, "--policy") for p in data.parse_list(policies, str, "--policy")),
-        tuple(data.parse_list(rs, float, "--r")), Importance(importance_),
-        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill))
+        tuple(data.parse_list(rs, float, "--r")),
+        tuple(_parsed(Importance, m, "--importance") for m in data.parse_list(importance_, str, "--importance")),
+        tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill),
+        score_output)
     t0 = time.perf_counter()
     prepared = study.prepare_request(request)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -418,6 +425,8 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
         task = progress.add_task("evaluating", total=prepared.steps)
         rows, first = study.evaluate_all(prepared, f, lambda: progress.advance(task))
     console.print(report.table(rows, prepared.study))
+    if any(r.policy is Policy.PARITY for r in rows):
+        console.print(report.coded_line(prepared.study.coded_memory()))
     console.print(f"evaluated {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
     for path in study.write(rows, prepared, request, first, json_path, plot_path, output):
         console.print(f"wrote {path}")

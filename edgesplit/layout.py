@@ -167,6 +167,24 @@ class Part:
 
 
 @dataclass(frozen=True)
+class Coded:
+    """A coded part: the sum of the region's part outputs, each zero-padded to `width` units along the Concat axis,
+    computed on a device holding none of its parts; any one lost part is the coded output minus the others'."""
+
+    device: str
+    output: str
+    width: int
+    nodes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device": self.device, "output": self.output, "width": self.width, "nodes": list(self.nodes)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Coded:
+        return Coded(str(d["device"]), str(d["output"]), int(d["width"]), tuple(d.get("nodes", ())))
+
+
+@dataclass(frozen=True)
 class RegionStats:
     macs: int = 0  # of the layers the region replaced
     part_macs: int = 0  # of all its parts (more than `macs` by the halo recomputation)
@@ -198,6 +216,7 @@ class Region:
     # `fill_axis` (one value per output channel / feature)
     fill_values: tuple[tuple[float, ...], ...] = ()
     fill_axis: int = 1
+    coded: Coded | None = None  # the parity policy's coded part (Concat regions of linear parts)
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -246,6 +265,7 @@ class Region:
                                     f"expected another device")
         if len(seen) != self.units:
             problems.append(f"{where}: parts cover {len(seen)} of {self.units} units; expected all of them")
+        problems += self._coded_problems(where)
         if self.fill is Fill.MEAN:
             sizes = {len(v) for v in self.fill_values}
             if len(self.fill_values) != self.units or len(sizes) != 1 or 0 in sizes:
@@ -253,6 +273,21 @@ class Region:
                                 f"got {len(self.fill_values)} for {self.units} units")
             elif self.combine not in (Combine.CONCAT, Combine.SUM):
                 problems.append(f"{where}: fill 'mean' needs a Concat or Sum combine, got {self.combine.value!r}")
+        return problems
+
+    def _coded_problems(self, where: str) -> list[str]:
+        c = self.coded
+        if c is None:
+            return []
+        problems = []
+        if self.combine is not Combine.CONCAT:
+            problems.append(f"{where}: a coded part needs a Concat combine, got {self.combine.value!r}")
+        widest = max((len(p.units) for p in self.parts), default=0)
+        if c.width < widest:
+            problems.append(f"{where}: coded part width {c.width} is less than its widest part ({widest} units)")
+        if c.device in {p.device for p in self.parts}:
+            problems.append(f"{where}: coded part on {c.device!r}, which holds one of its parts; expected a device "
+                            f"holding none")
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,6 +301,8 @@ class Region:
         if self.fill_values:
             d["fill_values"] = [list(v) for v in self.fill_values]
             d["fill_axis"] = self.fill_axis
+        if self.coded is not None:
+            d["coded"] = self.coded.to_dict()
         if self.stats is not None:
             s = self.stats
             d["stats"] = {"macs": s.macs, "part_macs": s.part_macs, "halo_bytes": s.halo_bytes,
@@ -288,6 +325,7 @@ class Region:
             block=d.get("block"), stats=stats,
             fill_values=tuple(tuple(float(x) for x in v) for v in d.get("fill_values", ())),
             fill_axis=int(d.get("fill_axis", 1)),
+            coded=Coded.from_dict(d["coded"]) if d.get("coded") is not None else None,
         )
 
 
@@ -323,7 +361,7 @@ class Layout:
                     if placed is not None and p.device is not None and placed != p.device:
                         problems.append(f"region {r.name!r}: node {n!r} of the part on {p.device!r} is placed on "
                                         f"{placed!r}")
-                for x in (p, *p.replicas):
+                for x in (p, *p.replicas, *((r.coded,) if r.coded else ())):
                     if known is not None and x.device is not None and x.device not in known:
                         problems.append(f"region {r.name!r}: device {x.device!r} is not in the cluster "
                                         f"{sorted(known)}")

@@ -175,6 +175,11 @@ class Plan:
                     if rep.output not in producer:
                         problems.append(f"region {r.name!r} part {i} replica {j}: output {rep.output!r} is exported "
                                         f"by no stage")
+            if r.coded is not None:
+                wrong = sorted({device_of.get(n, "no stage") for n in r.coded.nodes} - {r.coded.device})
+                if wrong or r.coded.output not in producer:
+                    problems.append(f"region {r.name!r} coded part: expected its nodes on {r.coded.device!r} and its "
+                                    f"output exported by a stage, got nodes on {wrong or [r.coded.device]}")
         return problems
 
     def order(self) -> tuple[Stage, ...]:
@@ -380,7 +385,8 @@ def _find_cycle(plan: Plan) -> list[str]:
 def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
     """Turn a complete placement into stages whose dependency graph is a DAG, and the transfers between them."""
     # replica nodes get stages of their own, so a standby replica costs nothing until its part is lost
-    replica_of = {n: r.output for region in graph.regions for r in region.replicas for n in r.nodes}
+    extra = [(*region.replicas, *((region.coded,) if region.coded else ())) for region in graph.regions]
+    replica_of = {n: r.output for copies in extra for r in copies for n in r.nodes}  # coded parts too
     keyed = {n: f"{d}\0{replica_of[n]}" if n in replica_of else d for n, d in placement.items()}
     groups = [(key.split("\0")[0], members) for key, members in _stage_groups(graph, keyed)]
     producer_stage: dict[str, int] = {}
@@ -395,7 +401,7 @@ def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
                 if producer_stage.get(t) != idx:
                     consumers[t].add(idx)
     # a replica's output feeds no node: the executors take it from its stage when its part is lost
-    exported = set(graph.outputs) | {r.output for region in graph.regions for r in region.replicas}
+    exported = set(graph.outputs) | {r.output for copies in extra for r in copies}
     names = [f"s{i}_{device}" for i, (device, _) in enumerate(groups)]
     stages, models, transfers = [], {}, []
     for idx, (device, members) in enumerate(groups):

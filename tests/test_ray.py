@@ -512,3 +512,29 @@ def test_devices_check_the_plan_signature_with_their_own_key(ray_instance, tmp_p
     with pytest.raises(EdgesplitError, match=f"device 'dev0' refuses its stages: the plan is signed with key id "
                                              f"{other.key_id}, but this device's key is key id "):
         executor(plan, threads=1)
+
+
+def test_a_parity_plan_rebuilds_a_killed_devices_part_exactly(ray_instance, tmp_path):
+    from test_parity import linear_model
+
+    from edgesplit.graph import load
+    from edgesplit.planner import layout
+    from edgesplit.robust.evaluate import Samples, prepare
+    from edgesplit.robust.policies import Policy
+
+    path = linear_model(tmp_path / "linear.onnx")
+    source, cluster = load(path), Cluster.simulated(4)
+    rewritten, placement = layout(source, cluster, strategy="horizontal")
+    rng = np.random.default_rng(0)
+    requests = [{"input": rng.normal(size=(2, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    study = prepare(rewritten, placement, cluster, source, Samples(requests[0]), (1,))
+    plan = study.plan(Policy.PARITY, 0.0, None)
+    dead = next(d for d in plan.devices if d not in study.fatal)
+    with executor(plan, dataplane="tasks", allow_degraded=True, rejoin_interval=None) as ex:
+        session = ex.session(2)
+        answers = answers_meanwhile(session.stream(requests), {2: lambda: kill(ex, dead)})
+        assert dead in ex.down and session.report().full == len(requests)  # the loss was seen, nothing degraded
+    assert all(isinstance(a, RunResult) for a in answers), answers
+    for answer, x in zip(answers, requests):
+        np.testing.assert_allclose(answer.outputs["logits"], run_whole_model(str(path), x)["logits"],
+                                   rtol=1e-5, atol=1e-5)

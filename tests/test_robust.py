@@ -35,7 +35,7 @@ def cnn():
     samples = Samples({"input": split.test.images}, split.test.labels)
     study = prepare(rewritten, placement, cluster, source, samples, (1, 2))
     scores = importance(rewritten, "activation", {"input": split.train.images[:200]})  # calibration: train digits
-    plans = {p: study.plan(p, R, scores) for p in Policy}
+    plans = {p: study.plan(p, R, scores) for p in Policy if p is not Policy.PARITY}  # parity: test_parity.py
     rows = {p: study.evaluate(p, R, plan) for p, plan in plans.items()}
     unsplit = run_whole_model(source.model, samples.inputs)["logits"]
     return study, scores, plans, rows, unsplit
@@ -198,12 +198,15 @@ def _no_regions_model(path: Path) -> Path:
     ({"--r": "0,1.5"}, "expected fractions in [0, 1], got [1.5]"),
     ({"--failures": "4"}, "fewer than the 4 devices"),
     ({"--data": "unlabelled.npz", "--metric": "accuracy"}, "needs a 'labels' array"),
-    ({"--policy": "vital,parity"}, "expected one of"),
+    ({"--policy": "vital,coded"}, "expected one of"),
+    ({"--policy": "vital,parity"}, "parity: expected linear regions"),  # the CNN's parts end in Relu / MaxPool
     ({"--data": "wrong_dtype.npz"}, "expected dtype float32, got float64"),
     ({"--data": "wrong_name.npz"}, "missing input(s) ['input']"),
     ({"--data": "wrong_shape.npz"}, "expected shape"),
     ({"--data": "short_labels.npz"}, "expected 'labels' to be 20 integers"),
     ({"model": "no_regions"}, "horizontal regions"),
+    ({"--score-output": "embedding"}, "expected an output of the model (['logits']) to score, got 'embedding'"),
+    ({"--importance": "weight,gradient"}, "expected one of ['weight', 'activation', 'ablation']"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(mnist_files, tmp_path, change, message):
     model = _no_regions_model(tmp_path / "plain.onnx") if change.get("model") else shipped_model("mnist_cnn")
@@ -236,3 +239,73 @@ def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
     assert all(s["value"] == pytest.approx(1.0, abs=1e-6) for s in full["failures"]["1"]["sets"])
     assert all(s["value"] < 1 - 1e-5 for s in none["failures"]["1"]["sets"])
     assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
+
+
+def test_ablation_scores_are_the_measured_output_change_of_removing_a_unit(tmp_path):
+    from test_parity import linear_model
+
+    from edgesplit.robust import ablation
+
+    source = load(linear_model(tmp_path / "linear.onnx"))
+    rewritten, _ = layout(source, Cluster.simulated(4), strategy="horizontal")
+    x = np.random.default_rng(2).normal(size=(8, 3, 8, 8)).astype(np.float32)
+    scores = importance(rewritten, "ablation", {"input": x})
+    logits = run_whole_model(source.model, {"input": x})["logits"]
+    # the last region's units are the logits themselves: removing one changes the output by its magnitude
+    np.testing.assert_allclose(scores[rewritten.regions[-1].name], np.abs(logits).mean(axis=0), rtol=1e-5)
+    # the first region's: zero one output channel of the Conv in the unsplit model and measure
+    conv = rewritten.regions[0]
+    for unit in (0, 7):
+        changed = onnx.load(str(source.path))
+        w = next(t for t in changed.graph.initializer if t.name == "w1")
+        b = next(t for t in changed.graph.initializer if t.name == "b1")
+        for t in (w, b):
+            a = onnx.numpy_helper.to_array(t).copy()
+            a[unit] = 0
+            t.CopyFrom(onnx.numpy_helper.from_array(a, t.name))
+        got = run_whole_model(changed, {"input": x})["logits"]
+        assert scores[conv.name][unit] == pytest.approx(np.linalg.norm(got - logits, axis=1).mean(), rel=1e-4)
+    assert ablation.SAMPLES >= len(x)
+
+
+def test_several_importance_scores_are_compared_row_by_row(mnist_files, tmp_path):
+    result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz", "--policy",
+                  "none,vital", "--r", "0.1", "--importance", "weight,activation,ablation",
+                  "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "importance" in result.output and "ablation" in result.output
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [(r["policy"], r.get("importance")) for r in rows] == [
+        ("none", None), ("vital", "weight"), ("vital", "activation"), ("vital", "ablation")]
+    assert len({r["failures"]["1"]["mean"] for r in rows[1:]}) > 1  # the rankings differ
+
+
+def test_a_language_model_is_scored_by_next_token_agreement_and_perplexity(tmp_path):
+    import torch
+
+    from edgesplit.bench import transformers_zoo as tz
+
+    model = tz.gpt2(tz.default_cache_dir(), kv_cache=False).path  # random weights, logits [batch, seq, 512]
+    ids = np.random.default_rng(3).integers(0, 512, (12, 6)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+             "position_ids": np.broadcast_to(np.arange(6), ids.shape).copy()}
+    np.savez(tmp_path / "tokens.npz", **feeds)
+    args = [model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "tokens.npz", "--policy", "none,full"]
+    result = _cli(*args, "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "next-token" in result.output and "perplexity" in result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["metric"] == "next-token"
+    none, full = doc["rows"]
+    logits = torch.from_numpy(run_whole_model(str(model), feeds)["logits"])
+    want = torch.exp(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512),
+                                                       torch.from_numpy(ids[:, 1:]).reshape(-1))).item()
+    for row in (none, full):
+        assert row["fault_free"] == 1.0
+        assert row["perplexity"]["fault_free"] == pytest.approx(want, rel=1e-4)
+    assert full["failures"]["1"]["worst"] == 1.0 and full["perplexity"]["1"]["worst"] == pytest.approx(want, rel=1e-4)
+    assert none["failures"]["1"]["mean"] < 0.9
+    overridden = _cli(*args, "--metric", "cosine", "--json", tmp_path / "c.json")
+    assert overridden.exit_code == 0, overridden.output
+    doc = json.loads((tmp_path / "c.json").read_text())
+    assert doc["metric"] == "cosine" and "perplexity" not in doc["rows"][0]

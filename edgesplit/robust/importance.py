@@ -8,6 +8,8 @@ Scores are read from the rewritten graph, part by part, so a unit's score sits w
   weight, so they all score 1 (a spatial region has no data-free ranking).
 - `activation` (data-driven): the mean absolute value on a calibration batch of the unit's slice of the part's
   output (Concat) or of the exit layer's input (Sum), computed by onnxruntime on the rewritten graph.
+- `ablation` (data-driven, measured): the change of the model's output on a calibration batch when that slice
+  alone is zeroed (`edgesplit.robust.ablation`): what losing the unit costs, one unit at a time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ WEIGHTED = ("Conv", "Gemm", "MatMul")
 class Importance(Choice):
     WEIGHT = "weight"
     ACTIVATION = "activation"
+    ABLATION = "ablation"
+
+    @property
+    def needs_data(self) -> bool:
+        return self is not Importance.WEIGHT
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,11 @@ def importance(graph: Graph, method: Importance | str,
         return {r.name: _scores(r, [_weight_scores(w, len(p.units)) for p, w in zip(r.parts, places[r.name])])
                 for r in graph.regions}
     if calibration is None:
-        raise ValueError("activation importance needs a calibration batch")
+        raise ValueError(f"{method.value} importance needs a calibration batch")
+    if method is Importance.ABLATION:
+        from edgesplit.robust.ablation import ablation_scores
+
+        return ablation_scores(graph, calibration)
     wanted = sorted({w.tensor for ws in places.values() for w in ws})
     values = run_model(exposing(graph.model, wanted), calibration)
     return {r.name: _scores(r, [_activation_scores(values[w.tensor], w.tensor_axis, len(p.units))

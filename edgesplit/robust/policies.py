@@ -9,7 +9,10 @@ Every policy keeps the regions and their parts as they are and only asks for cop
 - `random`: the same number of units of each part as `vital` copies, chosen at random (seeded): the baseline an
   importance score must beat;
 - `k-of-n`: each part's vital units on `f` more devices, the next ones round-robin after the part's own, so any
-  `f` failures leave at least one copy — less memory than `vital` for `f` < devices − 1.
+  `f` failures leave at least one copy — less memory than `vital` for `f` < devices − 1;
+- `parity` (coded computing, `coded`): every linear region re-split into N−1 parts plus a coded part (their sum),
+  the coded part's device rotating from region to region; any one lost part of those regions is recovered
+  exactly. Regions that are not linear keep the plain split; with no linear region at all it is an error.
 
 Replicas are standby by default: they cost memory but no compute until their part is lost (hot replicas only buy
 time on requests that do not need re-running, see docs/plan-format.md).
@@ -25,6 +28,7 @@ import numpy as np
 from edgesplit.errors import MappingError
 from edgesplit.graph import Graph
 from edgesplit.layout import Choice, Region, ReplicaMode
+from edgesplit.rewrite.coded import CodedRequest, linear_problems, rotation
 from edgesplit.rewrite.replicas import ReplicaRequest
 
 
@@ -34,6 +38,7 @@ class Policy(Choice):
     RANDOM = "random"
     VITAL = "vital"
     K_OF_N = "k-of-n"
+    PARITY = "parity"
 
 
 Fractions = float | Mapping[str, float]  # one r for every region, or one per region name
@@ -51,7 +56,7 @@ def replicas(graph: Graph, policy: Policy | str, importance: Mapping[str, np.nda
     rng = np.random.default_rng(seed)
     requests: list[ReplicaRequest] = []
     for region in graph.regions:
-        if policy is Policy.NONE:
+        if policy in (Policy.NONE, Policy.PARITY):
             continue
         if policy is Policy.FULL:
             chosen = [tuple(p.units) for p in region.parts]
@@ -63,6 +68,23 @@ def replicas(graph: Graph, policy: Policy | str, importance: Mapping[str, np.nda
         requests += [ReplicaRequest(region.name, i, units, device, mode)
                      for i, units in enumerate(chosen) if units for device in spread[i]]
     return requests
+
+
+def coded(graph: Graph, only: Sequence[str] | None = None) -> list[CodedRequest]:
+    """The parity policy's coded regions: every linear one (or the regions named in `only`, each of which must
+    be linear), the coded part on the next device of the region's in turn."""
+    problems = linear_problems(graph, [r for r in graph.regions if only is None or r.name in only])
+    unknown = sorted(set(only or ()) - {r.name for r in graph.regions})
+    if unknown:
+        raise MappingError(f"parity: unknown regions {unknown}; expected some of {[r.name for r in graph.regions]}")
+    reasons = [why for why in problems.values() if why]
+    if only is not None and reasons:
+        raise MappingError("parity: " + "; ".join(reasons))
+    linear = [r for r in graph.regions if r.name in problems and not problems[r.name]]
+    if not linear:
+        raise MappingError(f"parity: expected linear regions (a Conv / Gemm / MatMul split by output channels, then "
+                           f"at most a bias, meeting at a Concat), got none: " + "; ".join(reasons[:3]))
+    return [rotation(region, k) for k, region in enumerate(linear)]
 
 
 def check_fractions(r: Fractions, regions: Sequence[Region]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from edgesplit.robust.evaluate import Row, Study
+from edgesplit.robust.evaluate import CodedMemory, Row, Study
 from edgesplit.robust.policies import Policy
 
 
@@ -18,17 +18,32 @@ def table(rows: Sequence[Row], study: Study) -> Table:
     if study.fatal:
         title += f" (not failed: {', '.join(study.fatal)}, whose loss is fatal)"
     out = Table(title=title)
-    for col in ("policy", "r", "memory vs plain", "MACs vs plain", "fault-free"):
+    compared = any(r.importance for r in rows)
+    for col in ("policy", *(("importance",) if compared else ()), "r", "memory vs plain", "MACs vs plain",
+                "fault-free"):
         out.add_column(col, justify="left" if col == "policy" else "right")
     for k in sizes:
         out.add_column(f"{k} failed: mean", justify="right")
         out.add_column(f"{k} failed: worst", justify="right")
+    perplexity = all(r.perplexity for r in rows)
+    if perplexity:
+        out.add_column("perplexity", justify="right")
+        for k in sizes:
+            out.add_column(f"{k} failed: mean / worst", justify="right")
     for row in rows:
-        cells = [row.policy.value, f"{row.r:g}", f"{row.memory_vs_plain:.3f}", f"{row.macs_vs_plain:.3f}",
-                 f"{row.fault_free:.4f}"]
+        cells = [row.policy.value, *((row.importance or "-",) if compared else ()), f"{row.r:g}",
+                 f"{row.memory_vs_plain:.3f}", f"{row.macs_vs_plain:.3f}", f"{row.fault_free:.4f}"]
         cells += [c for k in sizes for c in (f"{row.mean(k):.4f}", f"{row.worst(k):.4f}")]
+        if perplexity:
+            cells += [f"{row.perplexity[()]:.2f}"]
+            cells += [f"{row.mean_perplexity(k):.2f} / {row.worst_perplexity(k):.2f}" for k in sizes]
         out.add_row(*cells)
     return out
+
+
+def coded_line(memory: CodedMemory) -> str:
+    return (f"parity: {len(memory.regions)} coded region(s); their max per-device parameter memory is "
+            f"{memory.ratio:.3f}x the plain split's (N/(N-1) = {memory.bound:.3f})")
 
 
 def document(rows: Sequence[Row], study: Study, model: str, importance: str) -> dict[str, Any]:
@@ -46,10 +61,13 @@ def plot(rows: Sequence[Row], study: Study, path: Path) -> None:
 
     size = 1 if 1 in study.sets else min(study.sets)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for policy in dict.fromkeys(r.policy for r in rows):
-        points = [(r.memory_vs_plain, r.mean(size)) for r in sorted(rows, key=lambda r: r.r) if r.policy is policy]
-        style = {Policy.NONE: dict(marker="s", ms=9), Policy.FULL: dict(marker="*", ms=13)}.get(policy, {"marker": "o"})
-        ax.plot(*zip(*points), label=_label(policy), linestyle="-" if len(points) > 1 else "none", **style)
+    for policy, method in dict.fromkeys((r.policy, r.importance) for r in rows):
+        points = [(r.memory_vs_plain, r.mean(size)) for r in sorted(rows, key=lambda r: r.r)
+                  if r.policy is policy and r.importance == method]
+        style = {Policy.NONE: dict(marker="s", ms=9), Policy.FULL: dict(marker="*", ms=13),
+                 Policy.PARITY: dict(marker="D", ms=8)}.get(policy, {"marker": "o"})
+        label = _label(policy) + (f" ({method})" if method else "")
+        ax.plot(*zip(*points), label=label, linestyle="-" if len(points) > 1 else "none", **style)
     ax.set_xlabel("max per-device parameter memory / plain split's")
     ax.set_ylabel(f"{study.metric.value}, mean over {size}-device failures")
     ax.set_title(f"robustness vs memory ({len(study.cluster.names)} devices)")

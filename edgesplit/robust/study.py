@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,11 @@ from edgesplit.robust import data, report
 from edgesplit.robust.evaluate import Row, Samples, Study, prepare
 from edgesplit.robust.fills import mean_fills
 from edgesplit.robust.importance import Importance, importance
-from edgesplit.robust.policies import Policy, check_fractions
+from edgesplit.robust.policies import Policy, check_fractions, coded
 
 log = logging.getLogger("edgesplit")
 STRATEGIES = (Strategy.HORIZONTAL.value, Strategy.HEADS.value)
+RANKED = (Policy.VITAL, Policy.RANDOM, Policy.K_OF_N)
 
 
 @dataclass(frozen=True)
@@ -34,29 +35,37 @@ class Request:
     calibration: Path | None = None
     policies: tuple[Policy, ...] = tuple(Policy)
     rs: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
-    importance: Importance = Importance.WEIGHT
+    importance: tuple[Importance, ...] = (Importance.WEIGHT,)  # several: vital, random, k-of-n rows for each
     failures: tuple[int, ...] = (1,)
     strategy: Strategy = Strategy.HORIZONTAL
     metric: str | None = None
     f: int = 1  # failures k-of-n tolerates
     fill: Fill = Fill.ZEROS
+    output: str | None = None  # the model output scored (default: the first)
+
+
+Config = tuple[Policy, float, Importance | None]  # importance only for the ranked policies
 
 
 @dataclass(frozen=True)
 class Prepared:
     study: Study
-    configs: list[tuple[Policy, float]]
-    scores: dict[str, np.ndarray] | None
+    configs: list[Config]
+    scores: dict[Importance, dict[str, np.ndarray]]
 
     @property
     def steps(self) -> int:
         return len(self.configs) * self.study.steps_per_row
 
 
-def configs(policies: Sequence[Policy], rs: Sequence[float]) -> list[tuple[Policy, float]]:
-    """(policy, r) pairs in the order asked: `none` and `full` once each (r 0 and 1), the others at every r."""
-    fixed = {Policy.NONE: 0.0, Policy.FULL: 1.0}
-    out = [(p, r) for p in policies for r in ([fixed[p]] if p in fixed else rs)]
+def configs(policies: Sequence[Policy], rs: Sequence[float],
+            importances: Sequence[Importance] = (Importance.WEIGHT,)) -> list[Config]:
+    """(policy, r, importance) in the order asked: `none`, `full` and `parity` once each (r 0, 1 and 0), the
+    ranked policies at every r with every importance."""
+    fixed = {Policy.NONE: 0.0, Policy.FULL: 1.0, Policy.PARITY: 0.0}
+    out: list[Config] = []
+    for p in policies:
+        out += [(p, fixed[p], None)] if p in fixed else [(p, r, i) for r in rs for i in importances]
     return list(dict.fromkeys(out))
 
 
@@ -77,18 +86,22 @@ def prepare_request(req: Request) -> Prepared:
     calibration, samples = _calibration(req, source, samples)
     if req.fill is Fill.MEAN:
         rewritten = mean_fills(rewritten, dict(calibration.inputs))
-    study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric)
-    log.info("metric: %s; %d evaluated samples; failure sets over %s%s", study.metric.value, len(samples),
+    study = prepare(rewritten, placement, req.cluster, source, samples, req.failures, req.metric, req.output)
+    log.info("metric: %s%s; %d evaluated samples; failure sets over %s%s", study.metric.value,
+             f" (and perplexity of {study.tokens!r})" if study.tokens and study.metric.value == "next-token" else "",
+             len(samples),
              [d for d in req.cluster.names if d not in study.fatal],
              f" (left out, their loss is fatal: {list(study.fatal)})" if study.fatal else "")
-    ranked = any(p in (Policy.VITAL, Policy.RANDOM, Policy.K_OF_N) for p in req.policies)
-    activation = calibration and dict(calibration.inputs) if req.importance is Importance.ACTIVATION else None
-    scores = importance(rewritten, req.importance, activation) if ranked else None
-    return Prepared(study, configs(req.policies, req.rs), scores)
+    if Policy.PARITY in req.policies:
+        coded(rewritten)  # a clear error now, before any evaluation, when no region is linear
+    ranked = any(p in RANKED for p in req.policies)
+    batch = dict(calibration.inputs) if calibration is not None else None
+    scores = {m: importance(rewritten, m, batch if m.needs_data else None) for m in req.importance} if ranked else {}
+    return Prepared(study, configs(req.policies, req.rs, req.importance), scores)
 
 
 def _calibration(req: Request, source, samples: Samples) -> tuple[Samples | None, Samples]:
-    if req.importance is not Importance.ACTIVATION and req.fill is not Fill.MEAN:
+    if not any(m.needs_data for m in req.importance) and req.fill is not Fill.MEAN:
         return None, samples
     if req.calibration is not None:
         return data.read_samples(req.calibration, tuple(source.tensors[n] for n in source.inputs), False), samples
@@ -100,10 +113,12 @@ def _calibration(req: Request, source, samples: Samples) -> tuple[Samples | None
 def evaluate_all(prepared: Prepared, f: int = 1, on_step: Callable[[], None] = lambda: None) -> tuple[list[Row], Plan]:
     """Every (policy, r) row, and the plan of the first one."""
     rows, first = [], None
-    for policy, r in prepared.configs:
-        plan = prepared.study.plan(policy, r, prepared.scores, f=f)
+    compared = len({m for _, _, m in prepared.configs if m is not None}) > 1
+    for policy, r, method in prepared.configs:
+        plan = prepared.study.plan(policy, r, prepared.scores.get(method) if method else None, f=f)
         first = first or plan
-        rows.append(prepared.study.evaluate(policy, r, plan, on_step))
+        row = prepared.study.evaluate(policy, r, plan, on_step)
+        rows.append(replace(row, importance=method.value) if compared and method else row)
     assert first is not None
     return rows, first
 
@@ -115,7 +130,9 @@ def write(rows: Sequence[Row], prepared: Prepared, req: Request, plan: Plan, jso
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
     if json_path is not None:
-        doc = report.document(rows, prepared.study, str(req.model), req.importance.value)
+        doc = report.document(rows, prepared.study, str(req.model), ",".join(m.value for m in req.importance))
+        if any(r.policy is Policy.PARITY for r in rows):
+            doc["parity"] = prepared.study.coded_memory().to_dict()
         json_path.write_text(json.dumps(doc, indent=1))
         written.append(str(json_path))
     if plot_path is not None:

@@ -50,15 +50,24 @@ class StandIn:
     siblings: tuple[str, ...] = ()  # the region's other part outputs: they give dimensions the inputs do not bind
     fill_values: tuple[tuple[float, ...], ...] = ()  # fill "mean": the calibrated value of each filled position
     fill_axis: int = 1  # Sum: the axis of the output the values lie along
+    coded: str = ""  # the region's coded part output: the part is rebuilt as it minus `others`
+    others: tuple[str, ...] = ()  # with `coded`: every other part's output
 
     @property
     def degraded(self) -> bool:
         return bool(self.filled)
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every tensor the rebuilt output is made from."""
+        return (self.coded, *self.others) if self.coded else tuple(p.tensor for p in self.pieces)
+
     def array(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int] | None = None) -> np.ndarray:
         return self._filled(self._rebuilt(pieces, dims or {}))
 
     def _rebuilt(self, pieces: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> np.ndarray:
+        if self.coded:
+            return self._decoded(pieces)
         got = [pieces[p.tensor] for p in self.pieces]
         if not got:
             return np.zeros(self._shape(dims, pieces), dtype=self.dtype)
@@ -76,6 +85,19 @@ class StandIn:
             index[self.axis] = list(piece.positions)
             out[tuple(index)] = value
         return out
+
+    def _decoded(self, values: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The coded output minus every other part's (each over its own leading units), cut to this part's."""
+        out = np.array(values[self.coded], dtype=np.float64)
+        axis = self.axis % out.ndim
+        for t in self.others:
+            other = values[t]
+            index = [slice(None)] * out.ndim
+            index[axis] = slice(0, other.shape[axis])
+            out[tuple(index)] -= other
+        index = [slice(None)] * out.ndim
+        index[axis] = slice(0, self.size)
+        return out[tuple(index)].astype(values[self.coded].dtype)
 
     def _filled(self, out: np.ndarray) -> np.ndarray:
         """Zeros are there already; calibrated means replace them (Concat) or are added (Sum)."""
@@ -171,7 +193,11 @@ def route(
 
 
 def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]) -> StandIn:
-    """The part rebuilt from the replicas computed so far (largest first, each unit taken once)."""
+    """The part rebuilt from the coded part when it and every other part are there, else from the replicas
+    computed so far (largest first, each unit taken once)."""
+    decoded = _decoded(lost, available, declared)
+    if decoded is not None:
+        return decoded
     position = {u: i for i, u in enumerate(lost.part.units)}
     pieces, have = [], set()
     for rep in sorted(lost.part.replicas, key=lambda r: -len(r.units)):
@@ -190,6 +216,16 @@ def _stand_in(lost: _Lost, available: set[str], declared: Mapping[str, Declared]
     return StandIn(lost.part.output, region.combine, region.axis, len(lost.part.units), tuple(pieces),
                    d.dtype if d else "float32", d.shape if d else (), filled,
                    tuple(p.output for p in region.parts if p is not lost.part), means, region.fill_axis)
+
+
+def _decoded(lost: _Lost, available: set[str], declared: Mapping[str, Declared]) -> StandIn | None:
+    region, coded = lost.region, lost.region.coded
+    others = tuple(p.output for p in region.parts if p is not lost.part)
+    if coded is None or coded.output not in available or not all(t in available for t in others):
+        return None
+    d = declared.get(lost.part.output)
+    return StandIn(lost.part.output, region.combine, region.axis, len(lost.part.units), (),
+                   d.dtype if d else "float32", d.shape if d else (), (), others, coded=coded.output, others=others)
 
 
 def _fill_one(pending: list[StageSpec], part_of: Mapping[str, _Lost], available: set[str],
@@ -225,7 +261,7 @@ def _needed(done: list[StageSpec], outputs: list[str], stand_ins: Mapping[str, S
         if need.intersection(spec.outputs):
             kept.append(spec)
             for t in spec.inputs:
-                need.update(p.tensor for p in stand_ins[t].pieces) if t in stand_ins else need.add(t)
+                need.update(stand_ins[t].sources) if t in stand_ins else need.add(t)
     return kept[::-1]
 
 

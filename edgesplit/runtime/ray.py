@@ -457,7 +457,7 @@ class Session:
                 if t in route.stand_ins and t not in values:
                     s = route.stand_ins[t]
                     # with no pieces, a live sibling part gives the dims the inputs do not bind
-                    names = [p.tensor for p in s.pieces] or [n for n in s.siblings if n in values][:1]
+                    names = list(s.sources) or [n for n in s.siblings if n in values][:1]
                     values[t] = ex.actors[spec.device].rebuild.remote(s, dims, names, *(values[n] for n in names))
             if keep and spec.name in keep:
                 req.refs[spec.name] = keep[spec.name]
