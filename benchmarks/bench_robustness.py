@@ -13,7 +13,7 @@ the sentence embeddings to the unsplit model's, on English sentences of this rep
 5. The issue's goals, each met or missed.
 
 python benchmarks/bench_robustness.py [--repeats 3] [--quick] [--no-minilm]
-Writes benchmarks/results/robustness.json and robustness.md.
+Writes benchmarks/results/robustness.json, robustness.md and robustness.png.
 """
 
 from __future__ import annotations
@@ -258,6 +258,37 @@ def goals(results: dict[str, Any]) -> list[list[Any]]:
     return out
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Per model, the mean metric under single failures against memory: one curve per policy and importance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
+    colours: dict[str, str] = {}  # one colour per curve label across the models
+    for ax, (name, res) in zip(axes[0], models.items()):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for r in res["rows"]:
+            label = r["policy"] + (f" ({r['importance']})" if r["importance"] else "")
+            curves.setdefault(label, []).append((r["memory_vs_plain"], r["mean_1"]))
+        for label, points in curves.items():
+            points.sort()
+            marker = {"none": "s", "full": "*", "parity": "D"}.get(label, "o")
+            ax.plot(*zip(*points), marker=marker, linestyle="-" if len(points) > 1 else "none", label=label, ms=5,
+                    color=colours.setdefault(label, f"C{len(colours) % 10}"))
+        ax.axvline(1.5, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{name} ({res['metric']}, {DEVICES} devices)")
+        ax.set_xlabel("max per-device parameter memory / plain split's")
+        ax.set_ylabel("mean over single failures")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -297,6 +328,7 @@ def main() -> None:
         results["timing"]["growth"] = growth
     results["goals"] = goals(results)
     write_report("robustness", "Robust split inference (issue 10)", results, sections(results))
+    plot(results, ROOT / "benchmarks" / "results" / "robustness.png")
     print(markdown_table(["goal", "status", "measured"], results["goals"]))
 
 

@@ -309,3 +309,14 @@ def test_a_language_model_is_scored_by_next_token_agreement_and_perplexity(tmp_p
     assert overridden.exit_code == 0, overridden.output
     doc = json.loads((tmp_path / "c.json").read_text())
     assert doc["metric"] == "cosine" and "perplexity" not in doc["rows"][0]
+
+
+def test_one_vector_per_sample_is_a_classifier_unless_every_vector_has_unit_length(cnn):
+    from edgesplit.robust.evaluate import Metric, choose_metric
+
+    study, *_ = cnn
+    scores = np.random.default_rng(4).normal(size=(16, 10))
+    assert choose_metric(study.plain, None, reference=scores) is Metric.AGREEMENT
+    unit = scores / np.linalg.norm(scores, axis=1, keepdims=True)  # a normalised sentence embedding
+    assert choose_metric(study.plain, None, reference=unit) is Metric.COSINE
+    assert choose_metric(study.plain, None, "agreement", reference=unit) is Metric.AGREEMENT

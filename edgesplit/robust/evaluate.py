@@ -99,10 +99,12 @@ class Row:
 
 
 def choose_metric(plan: Plan, labels: np.ndarray | None, override: Metric | str | None = None,
-                  vocabulary: int | None = None, output: str | None = None) -> Metric:
-    """Accuracy with labels; else from the first output's shape: [batch, sequence, vocabulary] scores over the
+                  vocabulary: int | None = None, output: str | None = None,
+                  reference: np.ndarray | None = None) -> Metric:
+    """Accuracy with labels; else from the scored output's shape: [batch, sequence, vocabulary] scores over the
     token embedding's rows (a language model) give next-token agreement, one score vector per sample gives
-    agreement, anything else cosine similarity."""
+    agreement unless the unsplit model's vectors are all of unit length (a normalised embedding), anything else
+    cosine similarity."""
     if override is not None:
         metric = Metric.parse(override, "--metric")
         if metric is Metric.ACCURACY and labels is None:
@@ -113,6 +115,9 @@ def choose_metric(plan: Plan, labels: np.ndarray | None, override: Metric | str 
     shape = next(t for t in plan.outputs if t.name == (output or plan.outputs[0].name)).shape
     if len(shape) == 3 and vocabulary is not None and shape[-1] == vocabulary:
         return Metric.NEXT_TOKEN
+    if reference is not None and reference.ndim == 2 and \
+            np.allclose(np.linalg.norm(reference.astype(np.float64), axis=-1), 1.0, atol=1e-3):
+        return Metric.COSINE
     return Metric.AGREEMENT if len(shape) == 2 and not (isinstance(shape[1], int) and shape[1] < 2) else Metric.COSINE
 
 
@@ -303,8 +308,8 @@ def prepare(rewritten: Graph, placement: Mapping[str, str], cluster: Cluster, so
         raise InputError(f"expected failure sizes of at most {len(holders)} (devices holding parts whose loss is not "
                          f"fatal: {holders}; fatal: {fatal}), got {too_big}")
     tokens, vocabulary = token_inputs(source)
-    chosen = choose_metric(plain, samples.labels, metric, vocabulary, output)
     reference = _whole(source, samples, output or plain.outputs[0].name)
+    chosen = choose_metric(plain, samples.labels, metric, vocabulary, output, reference)
     mask = next((n for n in source.inputs if "mask" in n.lower() and tokens and
                  samples.inputs[n].shape == samples.inputs[tokens].shape), None)
     return Study(rewritten, dict(placement), cluster, samples, chosen, reference, plain, tuple(fatal),
