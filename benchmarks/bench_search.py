@@ -136,7 +136,7 @@ def baselines(work: Path, quick: bool, repeats: int) -> list[dict]:
 def timing(work: Path, quick: bool) -> list[dict]:
     big = (6, 12, 24, 16) if quick else (6, 12, 64, 48)
     graphs = {
-        "ResNet-101-sized (BN kept)": zoo.export(zoo.ResNet(widths=(64, 128, 256, 512), blocks=(3, 4, 23, 3)),
+        "ResNet-101-sized (BN kept)": zoo.export(zoo.ResNet(widths=(64, 128, 256, 512), blocks=(3, 4, 36, 3)),
                                                  (1, 3, 64, 64), work / "r101.onnx"),
         "DenseNet-264 (BN kept)": zoo.export(zoo.DenseNet(growth=32, blocks=big, stem=64, classes=1000),
                                              (1, 3, 64, 64), work / "d264.onnx"),

@@ -27,7 +27,7 @@ def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False):
         found = {t: profile(graph, t, repeats, not refresh, lambda: progress.advance(task), dims) for t in kinds}
     here = [d.name for d in cluster.devices if d.speed != 1.0]
     log.info(f"profiled {', '.join(kind(t) for t in kinds)} on this machine"
-             + (f"; {here} are scaled by their speed (1.0 = this machine)" if here else ""))
+             + (f"; {here} are scaled by their speed (this machine: --host-speed, default 1.0)" if here else ""))
     return found
 
 
@@ -100,12 +100,15 @@ def _check_output(output: Path, force: bool) -> None:
 @click.option("--backend", type=click.Choice(["local", "ray", "emulated"]), default="local", show_default=True,
               help="The data plane whose overheads are measured and that --validate runs on (emulated: in-process, "
                    "devices slowed to their speed, links delayed).")
+@click.option("--host-speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="This machine's speed in the cluster's units (the examples' are a Raspberry Pi 4 = 1.0).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an earlier search in --output.")
 @click.option("--key-file", type=click.Path(path_type=Path), help="The key plans are signed with.")
 def search_command(model: Path, devices: int | None, cluster: Path | None, dims: tuple[str, ...], objectives: str,
                    space: str, generations: int, population: int, seed: int, how: str, plans: int,
-                   validate_k: int, backend: str, output: Path, force: bool, key_file: Path | None) -> None:
+                   validate_k: int, backend: str, host_speed: float, output: Path, force: bool,
+                   key_file: Path | None) -> None:
     """NSGA-II over layouts of MODEL on the cluster, scored by the cost model; writes the front and its plans."""
     from edgesplit.cli import _cluster, _dims, signing_key
     from edgesplit.errors import InputError
@@ -126,7 +129,7 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     front.check_fits(graph, the_cluster)
     profiles = _profiles(graph, the_cluster, _dims(dims))
     overheads = validate.overheads(validate.Backend(backend))
-    cost_model = CostModel(graph, the_cluster, profiles, overheads)
+    cost_model = CostModel(graph, the_cluster, profiles, overheads, host_speed)
     result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how))
     indices = front.spread(len(result.front), plans, chosen)
     built = _plans(graph, the_cluster, [result.front[i].layout for i in indices])

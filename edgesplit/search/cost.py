@@ -78,12 +78,15 @@ class CostModel:
     """Everything about a model and a cluster that candidates share, precomputed once; `costs` is then cheap."""
 
     def __init__(self, graph: Graph, cluster: Cluster, profiles: Mapping[int, Profile],
-                 overheads: Overheads = Overheads()) -> None:
+                 overheads: Overheads = Overheads(), host_speed: float = 1.0) -> None:
+        """`host_speed`: this machine's speed in the cluster's units (a device of speed s computes s ÷ host_speed
+        times as fast as this machine did when profiled)."""
         self.graph, self.cluster, self.overheads = graph, cluster, overheads
         layers = graph.layers
         self.n = len(layers)
         self.k = len(cluster.devices)
-        seconds = [np.asarray(profiles[threads_of(d.cores)].layer_seconds) / d.speed for d in cluster.devices]
+        seconds = [np.asarray(profiles[threads_of(d.cores)].layer_seconds) * host_speed / d.speed
+                   for d in cluster.devices]
         self.time_prefix = np.stack([np.concatenate([[0.0], np.cumsum(s)]) for s in seconds])
         self.param_prefix = np.concatenate([[0], np.cumsum([layer.param_bytes for layer in layers])])
         kinds = [profiles[threads_of(d.cores)] for d in cluster.devices]
