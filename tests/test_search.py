@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgesplit.cli import main
-from edgesplit.cluster import Cluster
+from edgesplit.cluster import Cluster, Link
 from edgesplit.graph import load
 from edgesplit.place import balance
 from edgesplit.planner import plan as make_plan
@@ -205,3 +205,28 @@ def test_profile_cli(resnet):
     r = _cli("profile", graph.path, "--cluster", MIXED, "--dim", "batch=16")
     assert r.exit_code == 0, r.output
     assert "pi4" in r.output and "scaled by their speed" in r.output
+
+
+def test_a_profile_measured_elsewhere_is_used_for_its_kind_and_a_wrong_one_refused(resnet, zoo_dir, tmp_path):
+    graph, profiles = resnet
+    board = replace(profiles[2], threads=4, layer_seconds=tuple(10 * s for s in profiles[2].layer_seconds))
+    (tmp_path / "board.json").write_text(json.dumps(board.to_dict()))
+    free = Cluster(Cluster.simulated(4, cores=4).devices, Link(1e15, 0.0))  # links cost nothing: compute only
+    here = CostModel(graph, free, profiles).costs(equal_layers(len(graph.layers), 4))
+    there = CostModel(graph, free, {**profiles, 4: board}).costs(equal_layers(len(graph.layers), 4))
+    assert there.latency == pytest.approx(10 * here.latency, rel=1e-6)
+    out = tmp_path / "out"
+    r = _cli("search", graph.path, "--cluster", MIXED, "--generations", 2, "--population", 8, "--plans", 1,
+             "--profile", tmp_path / "board.json", "--dim", "batch=16", "-o", out)
+    assert r.exit_code == 0, r.output
+    kinds = json.loads((out / "front.json").read_text())["profiles"]
+    assert kinds["4"]["whole_s"] == board.whole_seconds and "2" in kinds  # the xnx has 6 cores: profiled here
+    wrong_kind = replace(board, threads=3)
+    (tmp_path / "k.json").write_text(json.dumps(wrong_kind.to_dict()))
+    r = _cli("search", graph.path, "--cluster", MIXED, "--profile", tmp_path / "k.json", "-o", tmp_path / "o2")
+    assert r.exit_code == 2 and "expected one of the cluster's kinds ['cpu-4t', 'cpu-6t']" in r.output, r.output
+    other = replace(board, model_sha256="0" * 64)
+    (tmp_path / "m.json").write_text(json.dumps(other.to_dict()))
+    r = _cli("search", graph.path, "--cluster", MIXED, "--profile", tmp_path / "m.json", "-o", tmp_path / "o3")
+    assert r.exit_code == 2 and "the profile is of model 000000000000" in r.output, r.output
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

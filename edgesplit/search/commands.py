@@ -14,21 +14,40 @@ _CLUSTER = click.option("--cluster", type=click.Path(path_type=Path), help="Clus
 _DIM = click.option("--dim", "dims", multiple=True, help="Size of a symbolic dimension, NAME=SIZE.")
 
 
-def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False):
-    """One profile per device kind of the cluster, measured (with a progress bar) or read from the cache."""
+def _given(graph, cluster, files: tuple[Path, ...]) -> dict:
+    """Profiles measured elsewhere (on a board, with `edgesplit profile`), each for the devices with its threads."""
+    from edgesplit.errors import InputError
+    from edgesplit.search.profile import check_profile, kind, load_profile
+
+    found = {}
+    cores = sorted({d.cores for d in cluster.devices})
+    for path in files:
+        p = load_profile(path)
+        check_profile(p, graph, p.threads, str(path))
+        if p.threads not in cores:
+            raise InputError(f"{path}: a profile of device kind {kind(p.threads)}; expected one of the cluster's "
+                             f"kinds {[kind(c) for c in cores]} (a device's kind is its cores)")
+        found[p.threads] = p
+    return found
+
+
+def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False, given: dict | None = None):
+    """One profile per device kind of the cluster: given, else measured here (a progress bar) or cached."""
     from rich.progress import Progress
 
     from edgesplit.cli import err_console
     from edgesplit.search.profile import kind, profile, threads_of
 
-    kinds = sorted({threads_of(d.cores) for d in cluster.devices})
+    given = given or {}
+    kinds = sorted({threads_of(d.cores) for d in cluster.devices if d.cores not in given})
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("profiling", total=2 * len(kinds))
         found = {t: profile(graph, t, repeats, not refresh, lambda: progress.advance(task), dims) for t in kinds}
     here = [d.name for d in cluster.devices if d.speed != 1.0]
-    log.info(f"profiled {', '.join(kind(t) for t in kinds)} on this machine"
-             + (f"; {here} are scaled by their speed (this machine: --host-speed, default 1.0)" if here else ""))
-    return found
+    if kinds:
+        log.info(f"profiled {', '.join(kind(t) for t in kinds)} on this machine"
+                 + (f"; {here} are scaled by their speed (this machine: --host-speed, default 1.0)" if here else ""))
+    return found | given
 
 
 @click.command("profile")
@@ -45,7 +64,7 @@ def profile_command(model: Path, devices: int | None, cluster: Path | None, dims
 
     from edgesplit.cli import _cluster, _dims, console
     from edgesplit.graph import load
-    from edgesplit.search.profile import cache_path, kind, threads_of
+    from edgesplit.search.profile import cache_path, for_device, kind
 
     the_cluster = _cluster(devices, cluster)
     graph = load(model, dims=_dims(dims))
@@ -54,7 +73,7 @@ def profile_command(model: Path, devices: int | None, cluster: Path | None, dims
     for col in ("device", "kind", "speed", "whole model (ms)", "sum of layers (ms)", "slowest layer"):
         table.add_column(col)
     for d in the_cluster.devices:
-        p = found[threads_of(d.cores)]
+        p = for_device(found, d.cores)
         slowest = max(range(len(graph.layers)), key=lambda i: p.layer_seconds[i])
         table.add_row(d.name, kind(p.threads), f"{d.speed:g}", f"{p.whole_seconds * 1e3 / d.speed:.3f}",
                       f"{sum(p.layer_seconds) * 1e3 / d.speed:.3f}",
@@ -102,13 +121,15 @@ def _check_output(output: Path, force: bool) -> None:
                    "devices slowed to their speed, links delayed).")
 @click.option("--host-speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="This machine's speed in the cluster's units (the examples' are a Raspberry Pi 4 = 1.0).")
+@click.option("--profile", "profile_files", multiple=True, type=click.Path(path_type=Path),
+              help="A profile measured elsewhere (`edgesplit profile` on a board) for the devices of its kind.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an earlier search in --output.")
 @click.option("--key-file", type=click.Path(path_type=Path), help="The key plans are signed with.")
 def search_command(model: Path, devices: int | None, cluster: Path | None, dims: tuple[str, ...], objectives: str,
                    space: str, generations: int, population: int, seed: int, how: str, plans: int,
-                   validate_k: int, backend: str, host_speed: float, output: Path, force: bool,
-                   key_file: Path | None) -> None:
+                   validate_k: int, backend: str, host_speed: float, profile_files: tuple[Path, ...], output: Path,
+                   force: bool, key_file: Path | None) -> None:
     """NSGA-II over layouts of MODEL on the cluster, scored by the cost model; writes the front and its plans."""
     from edgesplit.cli import _cluster, _dims, signing_key
     from edgesplit.errors import InputError
@@ -119,6 +140,9 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
 
     goals = front.parse_names(Objective, objectives, "--objectives")
     front.check_spaces(front.parse_names(front.Space, space, "--space"))
+    if validate_k and profile_files:
+        raise InputError("--validate runs the plans on this machine and checks its own profiles; expected no "
+                         "--profile with it")
     if validate_k > plans:
         raise InputError(f"--validate {validate_k}: expected at most the {plans} plans written (--plans)")
     _check_output(output, force)
@@ -127,7 +151,7 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     the_cluster = _cluster(devices, cluster)
     graph = load(model, dims=_dims(dims))
     front.check_fits(graph, the_cluster)
-    profiles = _profiles(graph, the_cluster, _dims(dims))
+    profiles = _profiles(graph, the_cluster, _dims(dims), given=_given(graph, the_cluster, profile_files))
     overheads = validate.overheads(validate.Backend(backend))
     cost_model = CostModel(graph, the_cluster, profiles, overheads, host_speed)
     result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how))

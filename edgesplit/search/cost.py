@@ -22,7 +22,7 @@ import numpy as np
 
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
-from edgesplit.search.profile import Profile, live_bytes, threads_of
+from edgesplit.search.profile import Profile, for_device, live_bytes
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,10 @@ class CostModel:
         layers = graph.layers
         self.n = len(layers)
         self.k = len(cluster.devices)
-        seconds = [np.asarray(profiles[threads_of(d.cores)].layer_seconds) * host_speed / d.speed
-                   for d in cluster.devices]
+        kinds = [for_device(profiles, d.cores) for d in cluster.devices]
+        seconds = [np.asarray(k.layer_seconds) * host_speed / d.speed for k, d in zip(kinds, cluster.devices)]
         self.time_prefix = np.stack([np.concatenate([[0.0], np.cumsum(s)]) for s in seconds])
         self.param_prefix = np.concatenate([[0], np.cumsum([layer.param_bytes for layer in layers])])
-        kinds = [profiles[threads_of(d.cores)] for d in cluster.devices]
         self.live = live_bytes(graph)
         self.weight_factor = np.array([k.weight_factor for k in kinds])
         self.activation_factor = np.array([k.activation_factor for k in kinds])

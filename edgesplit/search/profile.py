@@ -58,6 +58,12 @@ def kind(threads: int) -> str:
     return f"cpu-{threads}t"
 
 
+def for_device(profiles: Mapping[int, Profile], cores: int) -> Profile:
+    """The profile of a device with `cores`: one measured at exactly that many threads (on the board itself, say),
+    else the one measured here at as many threads as this machine allows."""
+    return profiles.get(cores) or profiles[threads_of(cores)]
+
+
 def threads_of(cores: int) -> int:
     return max(1, min(cores, os.cpu_count() or 1))
 
