@@ -261,8 +261,9 @@ def test_a_local_ray_instance_leaves_its_token_at_mode_600(no_token, monkeypatch
         assert raycluster.connect(Cluster.simulated(1), ["dev0"]) is True
         assert no_token.is_file() and stat.S_IMODE(no_token.stat().st_mode) == 0o600
     finally:
-        os.environ.pop("RAY_AUTH_MODE", None)  # set by Ray's code above; Ray's cached view follows
-        Config.initialize("")
+        os.environ.pop("RAY_AUTH_MODE", None)  # set by Ray's code above
+        monkeypatch.undo()  # Ray's view must be rebuilt from the session's environment, not this test's: a Ray
+        Config.initialize("")  # instance of the session would otherwise refuse this process's next connection
         AuthenticationTokenLoader.instance().reset_cache()
 
 
