@@ -191,6 +191,14 @@ def test_search_cli_bad_input(resnet, tmp_path, args, message):
     assert not out.exists()
 
 
+def test_search_cli_validate_more_than_the_front(resnet, tmp_path):
+    graph, _ = resnet
+    r = _cli("search", graph.path, "--devices", 2, "--objectives", "latency", "--validate", 3, "--plans", 3,
+             "--generations", 2, "--population", 8, "--dim", "batch=16", "-o", tmp_path / "out")
+    assert r.exit_code == 2 and "the front has only 1 point(s)" in r.output, r.output  # one objective: one point
+    assert not (tmp_path / "out").exists()
+
+
 def test_search_cli_model_too_big(resnet, tmp_path):
     graph, _ = resnet
     cluster = tmp_path / "small.yaml"

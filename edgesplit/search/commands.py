@@ -155,6 +155,9 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     overheads = validate.overheads(validate.Backend(backend))
     cost_model = CostModel(graph, the_cluster, profiles, overheads, host_speed)
     result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how))
+    if validate_k > len(result.front):
+        raise InputError(f"--validate {validate_k}: the front has only {len(result.front)} point(s); expected at most "
+                         "that many (nothing was written)")
     indices = front.spread(len(result.front), plans, chosen)
     built = _plans(graph, the_cluster, [result.front[i].layout for i in indices])
     checks = _validate(graph, the_cluster, profiles, result, indices, validate_k, chosen, backend, overheads,
