@@ -176,6 +176,13 @@ def test_search_cli_writes_a_front_and_runnable_plans(resnet, tmp_path):
     assert verified.exit_code == 0, verified.output
     again = _cli("search", graph.path, "--cluster", MIXED, "--generations", 2, "-o", out)
     assert again.exit_code == 2 and "--force" in again.output
+    (out / "notes.txt").write_text("mine")
+    again = _cli("search", graph.path, "--cluster", MIXED, "--generations", 2, "--population", 8, "--plans", 1,
+                 "--pick", "memory", "--dim", "batch=16", "-o", out, "--force")
+    assert again.exit_code == 0, again.output
+    now = json.loads((out / "front.json").read_text())
+    assert sorted(p.name for p in (out / "plans").iterdir()) == [Path(now["picked"]["plan"]).name]
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("args, message", [

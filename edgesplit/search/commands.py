@@ -220,6 +220,7 @@ def _write(output, force, key, cost_model, outcome, goals, profiles, overheads, 
 
     output.mkdir(parents=True, exist_ok=True)
     (output / "plans").mkdir(exist_ok=True)
+    _remove_earlier_plans(output, {f"plans/p{i:03d}" for i in plans})
     written = {}
     for i, p in plans.items():
         directory = output / "plans" / f"p{i:03d}"
@@ -230,3 +231,24 @@ def _write(output, force, key, cost_model, outcome, goals, profiles, overheads, 
     front.write_json(output / "front.json", doc)
     console.print(f"wrote {output}/front.json, front.png and {len(written)} plans; the picked plan is "
                   f"{output}/{written[outcome.chosen]}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _remove_earlier_plans(output: Path, kept: set[str]) -> None:
+    """An earlier search's plans that this one does not write again: their plan files go (nothing else)."""
+    import json
+
+    from edgesplit.plandir import owned_files
+
+    try:
+        earlier = json.loads((output / "front.json").read_text())["front"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for point in earlier if isinstance(earlier, list) else []:
+        name = point.get("plan") if isinstance(point, dict) else None
+        if not isinstance(name, str) or name in kept or not name.startswith("plans/p") or "/.." in name:
+            continue
+        directory = output / name
+        for file in owned_files(directory) if directory.is_dir() else ():
+            (directory / file).unlink(missing_ok=True)
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
