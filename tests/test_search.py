@@ -189,6 +189,7 @@ def test_search_cli_writes_a_front_and_runnable_plans(resnet, tmp_path):
     (["--objectives", "latency,speed"], "expected one of"),
     (["--space", "vertical,horizontal"], "not searched yet"),
     (["--validate", "5", "--plans", "2"], "at most the 2 plans"),
+    (["--space", "replication"], "expected 'vertical' among ['replication']"),
 ])
 def test_search_cli_bad_input(resnet, tmp_path, args, message):
     graph, _ = resnet
@@ -245,3 +246,51 @@ def test_a_profile_measured_elsewhere_is_used_for_its_kind_and_a_wrong_one_refus
     r = _cli("search", graph.path, "--cluster", MIXED, "--profile", tmp_path / "m.json", "-o", tmp_path / "o3")
     assert r.exit_code == 2 and "the profile is of model 000000000000" in r.output, r.output
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_replication_space_gives_standbys_whose_survival_is_predicted_exactly(resnet, tmp_path):
+    """Every single-device loss the cost model says is survived runs to the exact answer, the others fail."""
+    from edgesplit.errors import DeviceFailedError
+    from edgesplit.planner import with_standbys
+    from edgesplit.runtime.local import LocalExecutor, run_whole_model
+    from edgesplit.runtime.common import random_inputs
+
+    graph, profiles = resnet
+    cluster = Cluster.simulated(3)
+    model = CostModel(graph, cluster, profiles)
+    result = search(model, [Objective.LATENCY, Objective.MEMORY, Objective.ROBUSTNESS], [], population=30,
+                    generations=15, seed=1, standbys=True)
+    assert max(p.costs.survived for p in result.front) == 1.0  # some point survives every single loss
+    for point in sorted(result.front, key=lambda p: p.costs.survived)[::4]:
+        v = point.layout
+        plan = with_standbys(make_plan(graph, cluster, v.placement(graph, cluster)), graph,
+                             v.standby_requests(len(graph.layers), cluster))
+        x = random_inputs(plan.inputs, BATCH)
+        want = run_whole_model(graph.model, x)
+        survived = 0
+        for d in cluster.names:
+            try:
+                got = LocalExecutor(plan, failed=[d]).run(x)
+            except DeviceFailedError:
+                continue
+            assert not got.degraded
+            for name, value in want.items():
+                np.testing.assert_allclose(got.outputs[name], value, rtol=1e-4, atol=1e-5)
+            survived += 1
+        assert survived / len(cluster.names) == pytest.approx(point.costs.survived)
+
+
+def test_search_cli_replication_writes_plans_with_their_standbys(resnet, tmp_path):
+    graph, _ = resnet
+    out = tmp_path / "out"
+    r = _cli("search", graph.path, "--devices", 3, "--space", "vertical,replication", "--objectives",
+             "latency,robustness", "--pick", "knee", "--generations", 10, "--population", 20, "--plans", 8,
+             "--dim", "batch=16", "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "front.json").read_text())
+    for point in doc["front"]:
+        if point["plan"]:
+            standbys = json.loads((out / point["plan"] / "plan.json").read_text()).get("standbys", [])
+            wanted = [s["standby"] for s in point["layout"]["stages"] if s["standby"]]
+            assert sorted(s["device"] for s in standbys) == sorted(wanted)
+    assert any(p["predicted"]["survived_single_failures"] == 1.0 for p in doc["front"])

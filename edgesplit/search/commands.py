@@ -105,8 +105,9 @@ def _check_output(output: Path, force: bool) -> None:
 @_CLUSTER
 @_DIM
 @click.option("--objectives", default="latency,memory", show_default=True,
-              help="Comma-separated: latency, memory, energy, throughput.")
-@click.option("--space", default="vertical", show_default=True, help="What the search may change (vertical).")
+              help="Comma-separated: latency, memory, energy, throughput, robustness.")
+@click.option("--space", default="vertical", show_default=True,
+              help="What the search may change: vertical, and replication (standby copies of stages).")
 @click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--population", type=click.IntRange(min=4), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -139,7 +140,8 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     from edgesplit.search.nsga import Objective, Pick
 
     goals = front.parse_names(Objective, objectives, "--objectives")
-    front.check_spaces(front.parse_names(front.Space, space, "--space"))
+    spaces = front.parse_names(front.Space, space, "--space")
+    front.check_spaces(spaces)
     if validate_k and profile_files:
         raise InputError("--validate runs the plans on this machine and checks its own profiles; expected no "
                          "--profile with it")
@@ -154,7 +156,8 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     profiles = _profiles(graph, the_cluster, _dims(dims), given=_given(graph, the_cluster, profile_files))
     overheads = validate.overheads(validate.Backend(backend))
     cost_model = CostModel(graph, the_cluster, profiles, overheads, host_speed)
-    result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how))
+    result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how),
+                                         front.Space.REPLICATION in spaces)
     if validate_k > len(result.front):
         raise InputError(f"--validate {validate_k}: the front has only {len(result.front)} point(s); expected at most "
                          "that many (nothing was written)")
@@ -166,7 +169,7 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     _write(output, force, key, cost_model, outcome, goals, profiles, overheads, dict(zip(indices, built)), backend)
 
 
-def _search(cost_model, goals, population, generations, seed, how):
+def _search(cost_model, goals, population, generations, seed, how, standbys):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgesplit.cli import console, err_console
@@ -177,7 +180,7 @@ def _search(cost_model, goals, population, generations, seed, how):
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("search", total=generations)
         result, bases, chosen, why = front.run_search(cost_model, goals, population, generations, seed, how,
-                                                      lambda: progress.advance(task))
+                                                      lambda: progress.advance(task), standbys)
     console.print(report.front_table(cost_model, result, bases, goals, chosen))
     console.print(f"{result.evaluations} layouts scored in {result.seconds:.1f} s; picked #{chosen}: {why}",
                   markup=False, highlight=False, soft_wrap=True)
@@ -185,10 +188,11 @@ def _search(cost_model, goals, population, generations, seed, how):
 
 
 def _plans(graph, cluster, layouts):
-    from edgesplit.planner import plan
+    from edgesplit.planner import plan, with_standbys
     from edgesplit.runtime.stages import check_loadable
 
-    built = [plan(graph, cluster, v.placement(graph, cluster)) for v in layouts]
+    built = [with_standbys(plan(graph, cluster, v.placement(graph, cluster)), graph,
+                           v.standby_requests(len(graph.layers), cluster)) for v in layouts]
     for p in built:
         check_loadable(p)
     return built

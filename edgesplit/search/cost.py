@@ -42,6 +42,7 @@ class Costs:
     wire_bytes: int  # bytes crossing between devices per inference
     energy: tuple[float, ...]  # joules per device per inference (an estimate)
     received: tuple[int, ...]  # bytes each device receives per inference
+    survived: float = 0.0  # the fraction of single-device losses after which every stage still runs (standbys)
 
     @property
     def throughput(self) -> float:
@@ -54,10 +55,18 @@ class Costs:
 
 @dataclass(frozen=True)
 class Vertical:
-    """Contiguous layer ranges: range s is layers [bounds[s], bounds[s+1]) on device order[s]."""
+    """Contiguous layer ranges: range s is layers [bounds[s], bounds[s+1]) on device order[s], with a standby copy
+    on device standby[s] (-1: none; no entries: no standbys at all) that runs only while order[s] is down."""
 
     cuts: tuple[int, ...]
     order: tuple[int, ...]
+    standby: tuple[int, ...] = ()
+
+    def standby_requests(self, n: int, cluster: Cluster) -> list[str]:
+        """`partition --standby` requests: DEVICE=DEVICE for every range that has a standby (each device holds one)."""
+        b = self.bounds(n)
+        return [f"{cluster.devices[d].name}={cluster.devices[e].name}" for s, (d, e) in
+                enumerate(zip(self.order, self.standby)) if e >= 0 and b[s + 1] > b[s]]
 
     def bounds(self, n: int) -> tuple[int, ...]:
         return (0, *self.cuts, n)
@@ -69,8 +78,10 @@ class Vertical:
 
     def to_dict(self, graph: Graph, cluster: Cluster) -> dict:
         b = self.bounds(len(graph.layers))
+        standby = self.standby or (-1,) * len(self.order)
         return {"stages": [{"device": cluster.devices[d].name, "first": graph.layers[b[s]].name,
-                            "last": graph.layers[b[s + 1] - 1].name, "layers": b[s + 1] - b[s]}
+                            "last": graph.layers[b[s + 1] - 1].name, "layers": b[s + 1] - b[s],
+                            "standby": cluster.devices[standby[s]].name if standby[s] >= 0 else None}
                            for s, d in enumerate(self.order) if b[s + 1] > b[s]]}
 
 
@@ -129,11 +140,7 @@ class CostModel:
         used = b[1:] > b[:-1]
         busy = np.zeros(self.k)
         busy[order] = self.time_prefix[order, b[1:]] - self.time_prefix[order, b[:-1]]
-        memory = np.zeros(self.k, dtype=np.int64)
-        for s in np.flatnonzero(used):
-            i, j, d = b[s], b[s + 1], order[s]
-            weights = (self.param_prefix[j] - self.param_prefix[i]) * self.weight_factor[d]
-            memory[d] = weights + self.live[i:j].max() * self.activation_factor[d] + self.session_bytes[d]
+        memory, survived = self._memory(b, order, used, v.standby)
         src, dst, nbytes = self._transfers(b, order)
         link = self.lat[src, dst] + nbytes / self.bw[src, dst]
         stages = int(used.sum())
@@ -146,7 +153,24 @@ class CostModel:
         np.add.at(received, dst, nbytes)
         energy = self.busy_w * busy + self.idle_w * np.maximum(latency - busy, 0.0)
         return Costs(latency, period, tuple(int(m) for m in memory), int(nbytes.sum()),
-                     tuple(float(e) for e in energy), tuple(int(r) for r in received))
+                     tuple(float(e) for e in energy), tuple(int(r) for r in received), survived)
+
+    def _memory(self, b: np.ndarray, order: np.ndarray, used: np.ndarray,
+                standby: tuple[int, ...]) -> tuple[np.ndarray, float]:
+        """Bytes per device (its ranges and the standbys it holds: weights add up, the activation peak is the
+        larger one, as they never run at once), and the fraction of single-device losses every stage survives."""
+        weights, live = np.zeros(self.k), np.zeros(self.k)
+        covered = np.ones(self.k, dtype=bool)
+        for s in np.flatnonzero(used):
+            i, j, d = b[s], b[s + 1], order[s]
+            holders = [d] + ([standby[s]] if standby and standby[s] >= 0 and standby[s] != d else [])
+            covered[d] = len(holders) > 1
+            for h in holders:
+                weights[h] += self.param_prefix[j] - self.param_prefix[i]
+                live[h] = max(live[h], self.live[i:j].max())
+        memory = np.where(weights + live > 0, weights * self.weight_factor + live * self.activation_factor
+                          + self.session_bytes, 0).astype(np.int64)
+        return memory, float(covered.mean())
 
     def _transfers(self, b: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source device, destination device, bytes) of every tensor crossing between devices (driver excluded)."""

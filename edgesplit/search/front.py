@@ -30,7 +30,7 @@ class Space(Choice):
     REPLICATION = "replication"
 
 
-SEARCHED = (Space.VERTICAL,)  # the spaces the cost model scores today
+SEARCHED = (Space.VERTICAL, Space.REPLICATION)  # the spaces the cost model scores today (replication: standbys)
 
 
 def parse_names(kind: type[Choice], text: str, what: str) -> tuple[Any, ...]:
@@ -48,6 +48,9 @@ def check_spaces(spaces: Sequence[Space]) -> None:
     if missing:
         raise InputError(f"--space: the cost model scores {[s.value for s in SEARCHED]} layouts; {missing} is not "
                          "searched yet (split a region horizontally with `partition --strategy` instead)")
+    if Space.VERTICAL not in spaces:
+        raise InputError(f"--space: expected 'vertical' among {[s.value for s in spaces]} (the layouts searched are "
+                         "vertical; 'replication' adds standby copies of their stages)")
 
 
 def check_fits(graph: Graph, cluster: Cluster) -> None:
@@ -91,6 +94,7 @@ def point_dict(model: CostModel, v: Vertical, c: Costs, objectives: Sequence[Obj
             "latency_s": c.latency, "throughput_per_s": c.throughput, "max_memory_bytes": c.max_memory,
             "memory_bytes": dict(zip(names, c.memory)), "wire_bytes": c.wire_bytes,
             "received_bytes": dict(zip(names, c.received)), "energy_j_estimate": dict(zip(names, c.energy)),
+            "survived_single_failures": c.survived,
             "objectives": {o.value: objective_value(o, c) for o in objectives},
         },
     }
@@ -106,7 +110,8 @@ def plot(path: Path, front: Sequence[Point], bases: Sequence[Baseline], objectiv
     x_obj, y_obj = objectives[0], objectives[1] if len(objectives) > 1 else Objective.MEMORY
     scale = {Objective.LATENCY: (1e3, "latency (ms)"), Objective.MEMORY: (2**-20, "max per-device memory (MiB)"),
              Objective.ENERGY: (1.0, "energy per inference (J, estimate)"),
-             Objective.THROUGHPUT: (1e3, "time per answer, pipelined (ms)")}
+             Objective.THROUGHPUT: (1e3, "time per answer, pipelined (ms)"),
+             Objective.ROBUSTNESS: (100.0, "single-device losses not survived (%)")}
 
     def xy(c: Costs) -> tuple[float, float]:
         return (objective_value(x_obj, c) * scale[x_obj][0], objective_value(y_obj, c) * scale[y_obj][0])
@@ -136,10 +141,11 @@ class Outcome:
 
 
 def run_search(model: CostModel, objectives: Sequence[Objective], population: int, generations: int, seed: int,
-               how: Pick, on_generation: Callable[[], None] = lambda: None) -> tuple[Result, list[Baseline], int, str]:
+               how: Pick, on_generation: Callable[[], None] = lambda: None,
+               standbys: bool = False) -> tuple[Result, list[Baseline], int, str]:
     bases = baselines(model)
     seeds = [b.layout for b in bases if b.feasible]
-    result = search(model, objectives, seeds, population, generations, seed, on_generation)
+    result = search(model, objectives, seeds, population, generations, seed, on_generation, standbys)
     if not result.front:
         raise InputError("no layout fits every device's memory budget; give devices more memory or add devices")
     chosen, why = pick(result.front, objectives, how)

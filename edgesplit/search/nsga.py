@@ -28,6 +28,7 @@ class Objective(Choice):
     MEMORY = "memory"
     ENERGY = "energy"
     THROUGHPUT = "throughput"
+    ROBUSTNESS = "robustness"  # the share of single-device losses a stage does not survive (standbys)
 
 
 class Pick(Choice):
@@ -41,24 +42,38 @@ class Pick(Choice):
 def objective_value(objective: Objective, c: Costs) -> float:
     """The value minimised: seconds, bytes, joules, or seconds per answer (for throughput)."""
     return {Objective.LATENCY: c.latency, Objective.MEMORY: float(c.max_memory), Objective.ENERGY: sum(c.energy),
-            Objective.THROUGHPUT: c.period}[objective]
+            Objective.THROUGHPUT: c.period, Objective.ROBUSTNESS: 1.0 - c.survived}[objective]
+
+
+def genes(k: int, standbys: bool) -> int:
+    return 2 * k - 1 + (k if standbys else 0)
 
 
 def decode(x: np.ndarray, n: int, k: int) -> Vertical:
+    """Cut keys, device keys, and (when there are 3k-1 keys) per range a standby key: k+1 choices, the last none."""
     cuts = np.sort(np.minimum((x[: k - 1] * (n + 1)).astype(int), n))
-    return Vertical(tuple(int(c) for c in cuts), tuple(int(d) for d in np.argsort(x[k - 1:], kind="stable")))
+    order = tuple(int(d) for d in np.argsort(x[k - 1: 2 * k - 1], kind="stable"))
+    standby: tuple[int, ...] = ()
+    if len(x) > 2 * k - 1:
+        picks = np.minimum((x[2 * k - 1:] * (k + 1)).astype(int), k)
+        standby = tuple(-1 if e == k or e == d else int(e) for e, d in zip(picks, order))
+    return Vertical(tuple(int(c) for c in cuts), order, standby)
 
 
-def encode(v: Vertical, n: int, k: int) -> np.ndarray:
+def encode(v: Vertical, n: int, k: int, standbys: bool = False) -> np.ndarray:
     keys = np.empty(k)
     keys[list(v.order)] = (np.arange(k) + 0.5) / k  # device order[s] gets the s-th smallest key
-    return np.concatenate([(np.asarray(v.cuts) + 0.5) / (n + 1), keys])
+    out = [(np.asarray(v.cuts) + 0.5) / (n + 1), keys]
+    if standbys:
+        picks = [e if e >= 0 else k for e in (v.standby or (-1,) * k)]
+        out.append((np.asarray(picks) + 0.5) / (k + 1))
+    return np.concatenate(out)
 
 
 class _Layouts(Problem):
-    def __init__(self, model: CostModel, objectives: Sequence[Objective]) -> None:
-        self.model, self.objectives = model, tuple(objectives)
-        super().__init__(n_var=2 * model.k - 1, n_obj=len(objectives), n_ieq_constr=1, xl=0.0, xu=1.0)
+    def __init__(self, model: CostModel, objectives: Sequence[Objective], standbys: bool) -> None:
+        self.model, self.objectives, self.standbys = model, tuple(objectives), standbys
+        super().__init__(n_var=genes(model.k, standbys), n_obj=len(objectives), n_ieq_constr=1, xl=0.0, xu=1.0)
 
     def _evaluate(self, X: np.ndarray, out: dict, *args, **kwargs) -> None:
         costs = [self.model.costs(decode(x, self.model.n, self.model.k)) for x in X]
@@ -81,7 +96,7 @@ class _MemoryRepair(Repair):
             by_budget = np.argsort(model.budget, kind="stable")[::-1]
             order = np.empty(model.k, dtype=int)
             order[by_need] = by_budget
-            X[row] = encode(Vertical(v.cuts, tuple(int(d) for d in order)), model.n, model.k)
+            X[row, : 2 * model.k - 1] = encode(Vertical(v.cuts, tuple(int(d) for d in order)), model.n, model.k)
         return X
 
 
@@ -100,8 +115,10 @@ class Result:
 
 
 def search(model: CostModel, objectives: Sequence[Objective], seeds: Sequence[Vertical], population: int = 100,
-           generations: int = 100, seed: int = 0, on_generation: Callable[[], None] = lambda: None) -> Result:
-    """The Pareto front of vertical layouts for `objectives` (at least one), the `seeds` in the first population."""
+           generations: int = 100, seed: int = 0, on_generation: Callable[[], None] = lambda: None,
+           standbys: bool = False) -> Result:
+    """The Pareto front of vertical layouts for `objectives` (at least one), the `seeds` in the first population;
+    with `standbys`, each range may also get a standby copy on another device (the replication space)."""
     import time
 
     if not objectives:
@@ -110,9 +127,10 @@ def search(model: CostModel, objectives: Sequence[Objective], seeds: Sequence[Ve
         raise InputError(f"expected at least 2 devices to search over, got {model.k}")
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
-    start = np.array([encode(v, model.n, model.k) for v in seeds] +
-                     [rng.random(2 * model.k - 1) for _ in range(max(population - len(seeds), 0))])
-    problem = _Layouts(model, objectives)
+    size = genes(model.k, standbys)
+    start = np.array([encode(v, model.n, model.k, standbys) for v in seeds] +
+                     [rng.random(size) for _ in range(max(population - len(seeds), 0))])
+    problem = _Layouts(model, objectives, standbys)
 
     class _Tick(Callback):
         def notify(self, algorithm) -> None:
@@ -145,7 +163,9 @@ def pick(front: Sequence[Point], objectives: Sequence[Objective], how: Pick) -> 
     """The index of the default plan on the front, and why it was chosen."""
     if how is Pick.KNEE:
         values = np.array([[objective_value(o, p.costs) for o in objectives] for p in front])
-        span = np.where(np.ptp(values, axis=0) > 0, np.ptp(values, axis=0), 1.0)
+        # an objective that barely moves on the front (under 1 % of its size) must not decide the knee
+        span = np.maximum(np.ptp(values, axis=0), 0.01 * np.abs(values).max(axis=0))
+        span = np.where(span > 0, span, 1.0)
         distance = np.linalg.norm((values - values.min(axis=0)) / span, axis=1)
         return int(np.argmin(distance)), "knee: closest to the ideal point with every objective scaled to [0, 1]"
     objective = Objective(how.value)

@@ -19,21 +19,23 @@ def _mib(n: float) -> str:
 
 def _stages(model: CostModel, v: Vertical) -> str:
     b = v.bounds(model.n)
-    return " ".join(f"{model.cluster.devices[d].name}:{b[s + 1] - b[s]}" for s, d in enumerate(v.order)
-                    if b[s + 1] > b[s])
+    names = model.cluster.names
+    standby = v.standby or (-1,) * len(v.order)
+    return " ".join(f"{names[d]}:{b[s + 1] - b[s]}" + (f"(+{names[standby[s]]})" if standby[s] >= 0 else "")
+                    for s, d in enumerate(v.order) if b[s + 1] > b[s])
 
 
 def _row(model: CostModel, name: str, v: Vertical, c: Costs) -> list[str]:
     received = ", ".join(f"{d} {_mib(r)}" for d, r in zip(model.cluster.names, c.received) if r)
     return [name, _stages(model, v), f"{c.latency * 1e3:.2f}", f"{c.throughput:.1f}", _mib(c.max_memory),
-            f"{sum(c.energy):.3f}", _mib(c.wire_bytes), received or "-"]
+            f"{sum(c.energy):.3f}", _mib(c.wire_bytes), received or "-", f"{c.survived:.0%}"]
 
 
 def front_table(model: CostModel, result: Result, bases: Sequence, objectives: Sequence[Objective],
                 chosen: int) -> Table:
     table = Table(title=f"front ({', '.join(o.value for o in objectives)}; predicted; energy is an estimate)")
     for col in ("point", "device:layers", "latency ms", "answers/s", "max MiB", "energy J", "wire MiB",
-                "received MiB"):
+                "received MiB", "losses survived"):
         table.add_column(col, justify="left" if col in ("point", "device:layers", "received MiB") else "right")
     for b in bases:
         table.add_row(*_row(model, b.name + ("" if b.feasible else " (over budget)"), b.layout, b.costs))
