@@ -111,7 +111,7 @@ def _check_output(output: Path, force: bool) -> None:
 @click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--population", type=click.IntRange(min=4), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--pick", "how", type=click.Choice(["latency", "throughput", "memory", "energy", "knee"]),
+@click.option("--pick", "how", type=click.Choice(["latency", "throughput", "memory", "energy", "robustness", "knee"]),
               default="knee", show_default=True, help="Which front point is the default plan.")
 @click.option("--plans", type=click.IntRange(min=1), default=8, show_default=True,
               help="Front points written as plan directories (spread over the front, the picked one always).")

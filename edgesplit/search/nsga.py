@@ -36,6 +36,7 @@ class Pick(Choice):
     THROUGHPUT = "throughput"
     MEMORY = "memory"
     ENERGY = "energy"
+    ROBUSTNESS = "robustness"
     KNEE = "knee"
 
 
