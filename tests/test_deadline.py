@@ -2,8 +2,8 @@
 busy) is routed around for the request, from a replica or fill, without being declared dead, and takes requests
 again once it has caught up.
 
-Timing asserts keep margins of seconds: the deadline is 4 s, and before this bound a stall showed up as a gap of
-the deadline plus a ping timeout plus another deadline (12 s here).
+Timing asserts keep margins of seconds: the deadline is 4 s and the margin 2 s, and before this bound a stall showed
+up as a gap of the deadline plus a ping timeout plus another deadline (12 s here).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from test_ray import _requests, _same, executor, ray_instance, stall  # noqa: F4
 
 pytestmark = pytest.mark.ray
 DEADLINE = 4.0
-MARGIN = 1.0
-SLACK = 2.5  # seconds for a busy machine on top of the bound; the old behaviour missed it by 7 s
+MARGIN = 2.0  # patient: on a busy machine the stages after a late one may take over a second
+SLACK = 2.5  # seconds for a busy machine on top of the bound; the old behaviour took 12 s
 
 
 @pytest.fixture(scope="module")
