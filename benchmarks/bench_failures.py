@@ -11,6 +11,7 @@ median time between answers.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -68,7 +69,7 @@ def worst_gap(ex: RayExecutor, x: dict, stall: float | None, device: str = "dev1
     times = [t for t in times if t >= times[0]]
     events = session.report().events
     settle(ex)
-    return {"worst_s": max(b - a for a, b in zip(times, times[1:])), **kinds,
+    return {"worst_s": max(b - a for a, b in itertools.pairwise(times)), **kinds,
             "late": sum(isinstance(e, DeviceLate) for e in events),
             "caught_up": sum(isinstance(e, DeviceCaughtUp) for e in events),
             "lost": sum(isinstance(e, DeviceLost) for e in events)}
@@ -131,8 +132,8 @@ def failover(kills: int, requests: int) -> dict:
             lost = next(e for e in report.events if isinstance(e, DeviceLost))
             to_answer.append(lost.at - killed_at + report.recovery_seconds[0])  # the first answer after detection
             after = [killed_at] + [t for t in times if t > killed_at]
-            worst.append(max(b - a for a, b in zip(after, after[1:])))
-            gaps.append(statistics.median(b - a for a, b in zip(times[:10], times[1:11])))
+            worst.append(max(b - a for a, b in itertools.pairwise(after)))
+            gaps.append(statistics.median(b - a for a, b in itertools.pairwise(times[:11])))
             ex.rejoin(timeout=60)
     median_gap = statistics.median(gaps)
     return {"plan": f"zoo resnet, vertical over 3 devices, standby of every stage ({len(plan.standbys)})",

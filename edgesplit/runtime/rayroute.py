@@ -62,7 +62,7 @@ class LateDevices:
         back, died = [], []
         for device, owed in list(self._owed.items()):
             if owed.refs:
-                done, owed.refs = ray.wait(owed.refs, num_returns=len(owed.refs), timeout=0, fetch_local=False)
+                _, owed.refs = ray.wait(owed.refs, num_returns=len(owed.refs), timeout=0, fetch_local=False)
                 if owed.refs:
                     continue
             if owed.ping is None:
