@@ -2,17 +2,20 @@
 busy) is routed around for the request, from a replica or fill, without being declared dead, and takes requests
 again once it has caught up.
 
-Timing asserts keep margins of seconds: the deadline is 4 s, and before this bound a stall showed up as a gap of
-the deadline plus a ping timeout plus another deadline (12 s here).
+Timing asserts keep margins of seconds: the deadline is 4 s and the margin 2 s, and before this bound a stall showed
+up as a gap of the deadline plus a ping timeout plus another deadline (12 s here).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
 
 import pytest
+from test_failures import HORIZONTAL, split_conv_plan
+from test_ray import _requests, _same, executor, ray_instance, stall  # noqa: F401 - ray_instance is a fixture
 
 from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError
@@ -20,13 +23,11 @@ from edgesplit.planner import partition
 from edgesplit.runtime.common import RunResult
 from edgesplit.runtime.failures import DeviceCaughtUp, DeviceLate, DeviceLost
 from edgesplit.runtime.local import LocalExecutor
-from test_failures import HORIZONTAL, split_conv_plan
-from test_ray import _requests, _same, executor, ray_instance, stall  # noqa: F401 - ray_instance is a fixture
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("ray_instance")]
 DEADLINE = 4.0
-MARGIN = 1.0
-SLACK = 2.5  # seconds for a busy machine on top of the bound; the old behaviour missed it by 7 s
+MARGIN = 2.0  # patient: on a busy machine the stages after a late one may take over a second
+SLACK = 2.5  # seconds for a busy machine on top of the bound; the old behaviour took 12 s
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +53,10 @@ def paced(requests, every: float = 0.05):
 
 def longest_gap(got: list[tuple[float, object]], since: float) -> float:
     times = [since] + [t for t, _ in got if t >= since]
-    return max(b - a for a, b in zip(times, times[1:]))
+    return max(b - a for a, b in itertools.pairwise(times))
 
 
-def test_a_stopped_device_is_routed_around_within_the_deadline_and_used_again_after(ray_instance, horizontal):
+def test_a_stopped_device_is_routed_around_within_the_deadline_and_used_again_after(horizontal):
     plan, _ = horizontal
     requests = _requests(plan, 60)
     reference = LocalExecutor(plan, threads=1)
@@ -83,7 +84,7 @@ def test_a_stopped_device_is_routed_around_within_the_deadline_and_used_again_af
     assert sum(calls_after.values()) > 6, "dev1 should take requests again once it has caught up"
 
 
-def test_a_busy_part_without_replica_is_filled_within_the_deadline(ray_instance, horizontal):
+def test_a_busy_part_without_replica_is_filled_within_the_deadline(horizontal):
     plan, _ = horizontal
     requests = _requests(plan, 12)
     degraded = LocalExecutor(plan, threads=1, allow_degraded=True, failed={"dev2"})
@@ -104,8 +105,7 @@ def test_a_busy_part_without_replica_is_filled_within_the_deadline(ray_instance,
     assert not any(isinstance(e, DeviceLost) for e in report.events)
 
 
-def test_a_late_stage_without_fallback_fails_its_requests_within_the_deadline_then_answers_resume(ray_instance,
-                                                                                                 horizontal):
+def test_a_late_stage_without_fallback_fails_its_requests_within_the_deadline_then_answers_resume(horizontal):
     plan = partition(horizontal[1], Cluster.simulated(2))
     requests = _requests(plan, 40)
     late_device = plan.stages[-1].device
@@ -129,7 +129,7 @@ def test_a_late_stage_without_fallback_fails_its_requests_within_the_deadline_th
         _same(answer, reference.run(x))
 
 
-def test_a_stopped_device_under_a_compiled_graph_is_routed_around_on_actor_calls(ray_instance, horizontal):
+def test_a_stopped_device_under_a_compiled_graph_is_routed_around_on_actor_calls(horizontal):
     plan, _ = horizontal
     requests = _requests(plan, 40)
     reference = LocalExecutor(plan, threads=1)

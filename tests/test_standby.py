@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import resign
+from test_ray import answers_meanwhile, executor, ray_instance  # noqa: F401 - ray_instance is a fixture
+
 from edgesplit.cli import main
 from edgesplit.cluster import Cluster, Device
 from edgesplit.errors import DeviceFailedError, PlacementError, PlanError
@@ -20,7 +21,6 @@ from edgesplit.runtime.common import RunResult, random_inputs
 from edgesplit.runtime.failures import DeviceLost
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 from edgesplit.standby import Standby
-from test_ray import answers_meanwhile, executor, ray_instance  # noqa: F401 - ray_instance is a fixture
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_local_executor_fails_over_to_standbys_with_exact_answers(resnet, lost):
 
 
 def test_without_standby_a_lost_device_fails_the_request(resnet):
-    plan, graph = resnet
+    _, graph = resnet
     bare = partition(graph, Cluster.simulated(3))
     with pytest.raises(DeviceFailedError):
         LocalExecutor(bare, threads=1, failed={"dev1"}).run(_x(bare))
@@ -105,7 +105,8 @@ def test_cli_partition_with_standby_and_a_bad_request(zoo_dir: Path, tmp_path: P
 
 
 @pytest.mark.ray
-def test_ray_fails_over_to_a_standby_mid_stream_with_no_request_lost(ray_instance, resnet):
+@pytest.mark.usefixtures("ray_instance")
+def test_ray_fails_over_to_a_standby_mid_stream_with_no_request_lost(resnet):
     import ray
 
     plan, graph = resnet

@@ -31,7 +31,7 @@ from edgesplit.runtime.common import RunResult, check_inputs
 from edgesplit.runtime.failures import (DeviceLate, DeviceLost, DeviceRejoined, Event, RequestFailed, Route, Router,
                                         RunReport, Tally)
 from edgesplit.runtime.raygraph import CompiledLate, is_channel_error, quiet_teardown
-from edgesplit.runtime.rayroute import LateDevices, around_late, late_stages, untouched
+from edgesplit.runtime.rayroute import LateDevices, around_late, calls_on, late_stages, untouched
 from edgesplit.runtime.rayworker import DeviceWorker
 from edgesplit.signing import Key
 
@@ -447,7 +447,7 @@ class Session:
                 return
             except RayError:  # the graph broke since the last request (an actor died): find out who, go on without
                 self._lose(req, deque(), ex.check(route.devices), rerun_compiled=True)
-                req.head_since = None
+                req.head_since = req.late_at = None
                 return self._dispatch(req)
         dims = [ex.router.dims(a) for a in req.arrays] if route.stand_ins else []
         values: dict[str, Any] = dict(inputs)
@@ -563,12 +563,8 @@ class Session:
         for r in queue:
             if r.error is not None or r.route is None or not (r.compiled is not None or r.route.devices & late):
                 continue
-            owed: dict[str, list[Any]] = {}
-            on = {s.name: s.device for s in r.route.stages}
-            for name, refs in r.refs.items():
-                owed.setdefault(on[name], []).extend(refs)
-            for device in late & set(owed):
-                ex.late.add(device, owed[device])
+            for device, refs in calls_on(r.route, r.refs, late).items():
+                ex.late.add(device, refs)
             self._dispatch(r, keep=untouched(r.route, r.refs, late))
 
     def _lose(self, req: _Chunk, queue: deque[_Chunk], lost: Mapping[str, str], rerun_compiled: bool) -> None:
@@ -581,7 +577,7 @@ class Session:
             if r.error is None and r.route is not None and (
                     r is req or r.compiled is not None or rerun_compiled or r.route.devices & set(lost)):
                 self._dispatch(r)
-        req.head_since = time.monotonic()
+        req.head_since, req.late_at = time.monotonic(), None  # a re-run after a death gets a whole deadline
 
     def _failed_stage(self, req: _Chunk) -> tuple[str, str]:
         assert req.route is not None

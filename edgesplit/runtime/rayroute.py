@@ -62,7 +62,7 @@ class LateDevices:
         back, died = [], []
         for device, owed in list(self._owed.items()):
             if owed.refs:
-                done, owed.refs = ray.wait(owed.refs, num_returns=len(owed.refs), timeout=0, fetch_local=False)
+                _, owed.refs = ray.wait(owed.refs, num_returns=len(owed.refs), timeout=0, fetch_local=False)
                 if owed.refs:
                     continue
             if owed.ping is None:
@@ -132,3 +132,12 @@ def untouched(route: Route, refs: Mapping[str, list[Any]], late: frozenset[str])
         elif spec.name in refs:
             keep[spec.name] = refs[spec.name]
     return keep
+
+
+def calls_on(route: Route, refs: Mapping[str, list[Any]], devices: frozenset[str]) -> dict[str, list[Any]]:
+    """The outputs of a route's calls on each of `devices` (what a re-route abandons there)."""
+    found: dict[str, list[Any]] = {}
+    for spec in route.stages:
+        if spec.device in devices and spec.name in refs:
+            found.setdefault(spec.device, []).extend(refs[spec.name])
+    return found
