@@ -24,7 +24,7 @@ from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
 from edgesplit.robust.importance import Importance, importance
 from edgesplit.rewrite.coded import add_coded, placement_with
-from edgesplit.robust.policies import Policy, coded, replicas
+from edgesplit.robust.policies import Fractions, Policy, coded, replicas
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 BATCH = 256
@@ -242,7 +242,7 @@ class Study:
     mask: str | None = None  # the attention mask input of the same shape, weighting positions
     output: str | None = None  # the model output scored (default: the first)
 
-    def plan(self, policy: Policy, r: float, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
+    def plan(self, policy: Policy, r: Fractions, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
         if policy is Policy.PARITY:
             graph, placement = self.coded_layout()
         else:
@@ -275,6 +275,17 @@ class Study:
         failures = {size: {s: values[s] for s in sets} for size, sets in self.sets.items()}
         return Row(policy, r, max_param_bytes(plan) / max_param_bytes(self.plain),
                    max_macs(plan) / max_macs(self.plain), values[()], failures, perplexity=ppl)
+
+    def single_failures(self, plan: Plan) -> dict[FailureSet, float | None]:
+        """The metric under each single failure only (a replicated plan's fault-free answer is the plain one's)."""
+        executor = LocalExecutor(plan, allow_degraded=True)
+        return {s: self._score(executor, s)[0] for s in failure_sets(self.holders, (1,))[1]}
+
+    @property
+    def holders(self) -> list[str]:
+        """The devices whose loss the failure sets range over."""
+        return [d for d in self.plain.devices if d not in self.fatal and any(p.device == d for r in self.plain.regions
+                                                                            for p in r.parts)]
 
     def _score(self, executor: LocalExecutor, failed: FailureSet) -> tuple[float | None, float | None]:
         """The metric on every sample, and the perplexity for a language model whose tokens the data gives."""
