@@ -385,9 +385,10 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
                    "output change); several compare the ranked policies' rows.")
 @click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
 @click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
-@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token"]), default=None,
-              help="Override the metric (default: accuracy with labels, else chosen from the output shape: "
-                   "next-token agreement, plus perplexity, for language-model logits).")
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token", "neighbours"]),
+              default=None, help="Override the metric (default: accuracy with labels, else chosen from the output "
+              "shape: next-token agreement, plus perplexity, for language-model logits; neighbours: the same nearest "
+              "neighbour among the samples as the unsplit model's embeddings).")
 @click.option("--score-output", "score_output", help="The model output scored (default: the first), e.g. a "
               "pooled sentence embedding.")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")

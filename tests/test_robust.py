@@ -241,6 +241,34 @@ def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
     assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
 
 
+def test_neighbour_agreement_is_the_share_of_samples_keeping_their_nearest_neighbour():
+    from edgesplit.robust.evaluate import Metric, nearest_neighbours, score
+
+    points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert nearest_neighbours(points).tolist() == [1, 0, 3, 2]
+    moved = points.copy()
+    moved[3] = [0.8, 0.6]  # now nearer 1 than 2; 2's nearest is still 3
+    assert nearest_neighbours(moved).tolist() == [1, 0, 3, 1]
+    assert score(Metric.NEIGHBOURS, moved, points, None) == 0.75
+    assert score(Metric.NEIGHBOURS, 3 * points, points, None) == 1.0  # scale does not move a cosine neighbour
+
+
+def test_heads_scored_by_nearest_neighbour_agreement(tmp_path):
+    from test_transformer_split_models import export
+
+    model = export("bert", tmp_path)
+    ids = np.random.default_rng(1).integers(0, 128, (24, 7)).astype(np.int64)
+    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = _cli(model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "data.npz", "--metric",
+                  "neighbours", "--policy", "none,full", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    none, full = doc["rows"]
+    assert doc["metric"] == "neighbours" and none["fault_free"] == full["fault_free"] == 1.0
+    assert all(s["value"] == 1.0 for s in full["failures"]["1"]["sets"])
+    assert 0.0 <= none["failures"]["1"]["worst"] <= 1.0
+
+
 def test_search_with_heads_has_one_fraction_per_transformer_block(tmp_path):
     from test_transformer_split_models import export
 

@@ -4,7 +4,8 @@ Each plan runs in one `LocalExecutor(plan, allow_degraded=True)` (it caches one 
 of the evaluated samples. Devices that hold nodes outside every region's parts (combines, unsplit layers) cannot
 fail without the request failing; they are left out of the failure sets and named (`fatal`). The metric is top-1
 accuracy with labels, else top-1 agreement with the unsplit model (a classifier: one score vector per sample), else
-the cosine similarity of the outputs to the unsplit model's (embeddings), averaged over samples and positions.
+the cosine similarity of the outputs to the unsplit model's (embeddings), averaged over samples and positions;
+`neighbours` (asked for) scores embeddings by the agreement of each sample's nearest neighbour among the samples.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Metric(Choice):
     AGREEMENT = "agreement"
     COSINE = "cosine"
     NEXT_TOKEN = "next-token"  # a language model: agreement of the next-token argmax at every position
+    NEIGHBOURS = "neighbours"  # embeddings: each sample's nearest other sample (cosine) the unsplit model's
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,25 @@ def score(metric: Metric, output: np.ndarray, reference: np.ndarray, labels: np.
         same = np.argmax(output, axis=-1) == np.argmax(reference, axis=-1)
         return float(np.average(same, weights=mask)) if mask is not None and mask.shape == same.shape \
             else float(np.mean(same))
+    if metric is Metric.NEIGHBOURS:
+        return neighbour_agreement(output, reference)
     a, b = output.astype(np.float64), reference.astype(np.float64)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return float(np.mean(np.sum(a * b, axis=-1) / np.maximum(norms, 1e-12)))
+
+
+def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+    """Per sample, the index of the most cosine-similar other sample (each sample's values flattened)."""
+    v = embeddings.reshape(len(embeddings), -1).astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    similarity = v @ v.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
+def neighbour_agreement(output: np.ndarray, reference: np.ndarray) -> float:
+    """The share of samples whose nearest neighbour among the samples is the one the unsplit model gives."""
+    return float(np.mean(nearest_neighbours(output) == nearest_neighbours(reference)))
 
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
