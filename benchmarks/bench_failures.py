@@ -226,7 +226,8 @@ def main() -> None:
     else:
         data = {"machine": machine(), "model": "split_conv 32 channels 64x64, conv1 split over dev1/dev2, "
                 "part A replicated (standby) on dev3", "repeats": repeats,
-                "stalls": stalls(args.deadline, args.margin, repeats, lengths), "failover": failover(max(3, repeats), 40)}
+                "stalls": stalls(args.deadline, args.margin, repeats, lengths),
+                "failover": failover(max(3, repeats), 40)}
     data["replica_modes"] = {"machine": machine(), "rows": replica_modes(max(3, repeats), 30)}
     print(json.dumps(data["replica_modes"]["rows"], indent=1))
     ray.shutdown()

@@ -19,8 +19,8 @@ from edgesplit.planner import layout
 from edgesplit.robust import data, frontier, report
 from edgesplit.robust.evaluate import Row, Samples, Study, prepare
 from edgesplit.robust.fills import mean_fills
-from edgesplit.robust.importance import Importance, importance
 from edgesplit.robust.frontier import Pick
+from edgesplit.robust.importance import Importance, importance
 from edgesplit.robust.policies import Policy, check_fractions, coded
 
 log = logging.getLogger("edgesplit")
