@@ -19,6 +19,7 @@ Writes benchmarks/results/robustness.json, robustness.md and robustness.png.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import tempfile
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesplit.bench.harness import markdown_table, write_report
+from edgesplit.bench.harness import RESULTS, markdown_table, write_report
 from edgesplit.cluster import Cluster
 from edgesplit.datasets import mnist_split, shipped_model
 from edgesplit.errors import EdgesplitError
@@ -81,6 +82,47 @@ def minilm_files(directory: Path) -> tuple[Path, Path, Path, int]:
     np.savez(data, **{k: v[cut:] for k, v in arrays.items()})
     np.savez(calibration, **{k: v[:cut] for k, v in arrays.items()})
     return export.path, data, calibration, len(texts)
+
+
+def license_text() -> str:
+    """Real English text an installed package ships (numpy's LICENSE.txt), read offline."""
+    import importlib.metadata
+
+    files = [f for f in importlib.metadata.distribution("numpy").files or () if f.name.startswith("LICENSE")]
+    return "\n".join(Path(str(f.locate())).read_text() for f in files[:1])
+
+
+def smollm_files(directory: Path, sequences: int = 24, length: int = 32) -> tuple[Path, Path, Path]:
+    """SmolLM2-135M (no KV cache): `sequences` windows of `length` tokens of the license text; the first quarter
+    calibrates, the rest is evaluated."""
+    from tokenizers import Tokenizer
+
+    from edgesplit.bench import transformers_zoo as tz
+
+    export = tz.smollm2(tz.default_cache_dir(), kv_cache=False)
+    ids = Tokenizer.from_file(str(export.directory / "tokenizer.json")).encode(license_text()).ids
+    windows = np.array([ids[i * length:(i + 1) * length] for i in range(sequences)], dtype=np.int64)
+    arrays = {"input_ids": windows, "attention_mask": np.ones_like(windows),
+              "position_ids": np.tile(np.arange(length, dtype=np.int64), (sequences, 1))}
+    cut = sequences // 4
+    data, calibration = directory / "smollm.npz", directory / "smollm_cal.npz"
+    np.savez(data, **{k: v[cut:] for k, v in arrays.items()})
+    np.savez(calibration, **{k: v[:cut] for k, v in arrays.items()})
+    return export.path, data, calibration
+
+
+def smollm() -> dict[str, Any]:
+    """SmolLM2-135M, `--strategy heads`: next-token agreement with the unsplit model and perplexity, per policy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, data, calibration = smollm_files(Path(tmp))
+        req = study.Request(path, Cluster.simulated(DEVICES), data, calibration, (Policy.NONE, Policy.K_OF_N),
+                            (0.5,), (Importance.WEIGHT,), (1,), Strategy.HEADS)  # 30 blocks: plans take minutes
+        rows, prepared, seconds = run_study(req)
+    return {"samples": len(prepared.study.samples), "tokens_per_sample": 32, "seconds": seconds,
+            "metric": prepared.study.metric.value,
+            "rows": [{**row_dict(r, "weight"), "perplexity": r.perplexity[()],
+                      "perplexity_1_mean": r.mean_perplexity(1), "perplexity_1_worst": r.worst_perplexity(1)}
+                     for r in rows]}
 
 
 def run_study(req: study.Request, f: int = 1) -> tuple[list[Row], study.Prepared, float]:
@@ -198,6 +240,21 @@ def timing(model: Path, data: Path, calibration: Path, devices: int, sizes: tupl
             "per_set_s": statistics.median(times) / (1 + sum(sets.values()))}
 
 
+def searched(model: Path, data: Path, calibration: Path, strategy: Strategy, population: int, generations: int,
+             output: str | None = None) -> dict[str, Any]:
+    """--search for k-of-n (activation importance) against the same policy at one r everywhere."""
+    req = study.Request(model, Cluster.simulated(DEVICES), data, calibration, (Policy.K_OF_N,), RS,
+                        (Importance.ACTIVATION,), (1,), strategy, output=output,
+                        search=study.Search(generations, population))
+    t0 = time.perf_counter()
+    prepared = study.prepare_request(req)
+    rows, _ = study.evaluate_all(prepared)
+    front = study.search_front(prepared, req, rows)
+    return {**front.to_dict(), "population": population, "generations": generations, "fault_free": rows[0].fault_free,
+            "samples": len(prepared.study.samples), "total_s": time.perf_counter() - t0,
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def best_under(rows: list[dict[str, Any]], budget: float) -> dict[str, Any] | None:
     fits = [r for r in rows if r["memory_vs_plain"] <= budget + 1e-9]
     return max(fits, key=lambda r: (r["mean_1"], -r["memory_vs_plain"])) if fits else None
@@ -254,7 +311,19 @@ def goals(results: dict[str, Any]) -> list[list[Any]]:
                 "met" if t["evaluate_s"] < 120 else "missed",
                 f"{t['model']}: {t['evaluate_s']:.1f} s for {1 + sum(t['sets'].values())} evaluations "
                 f"(+ {t['prepare_s']:.1f} s to prepare)"])
-    out.append(["searched fraction vector (NSGA-II) beats uniform r", "not measured", "--search is not built yet"])
+    for name, res in results.get("search", {}).items():
+        gain = res["gain_over_uniform"]
+        out.append([f"{name}: searched fraction vector (NSGA-II) beats uniform r at equal memory",
+                    "met" if gain and gain["gain"] > 0 else "missed",
+                    f"+{gain['gain']:.3f} mean single-failure {results['models'][name]['metric']} "
+                    f"({gain['uniform_mean']:.3f} → {gain['mean']:.3f}) at {gain['memory_vs_plain']:.2f}× memory, "
+                    f"against the best uniform r using no more" if gain else "no uniform point to compare"])
+        best = best_under([{**p, "kept_mean": p["mean_1"] / res["fault_free"]} for p in res["front"]], 1.5)
+        if best is not None:
+            out.append([f"{name}: searched vector, ≥ 95 % of fault-free at ≤ 1.5× memory, one device lost (mean)",
+                        "met" if best["kept_mean"] >= 0.95 else "missed",
+                        f"{best['kept_mean']:.3f} of fault-free (worst set {best['worst_1']:.3f}) at "
+                        f"{best['memory_vs_plain']:.2f}×"])
     return out
 
 
@@ -278,6 +347,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             marker = {"none": "s", "full": "*", "parity": "D"}.get(label, "o")
             ax.plot(*zip(*points), marker=marker, linestyle="-" if len(points) > 1 else "none", label=label, ms=5,
                     color=colours.setdefault(label, f"C{len(colours) % 10}"))
+        front = results.get("search", {}).get(name, {}).get("front")
+        if front:
+            ax.plot([p["memory_vs_plain"] for p in front], [p["mean_1"] for p in front], marker="^", ms=5,
+                    linestyle="--", color="black", label="k-of-n (activation), searched per-region r")
         ax.axvline(1.5, color="grey", linestyle=":", linewidth=1)
         ax.set_title(f"{name} ({res['metric']}, {DEVICES} devices)")
         ax.set_xlabel("max per-device parameter memory / plain split's")
@@ -294,7 +367,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="200 images, no growth table")
     ap.add_argument("--no-minilm", action="store_true")
+    ap.add_argument("--only", help="comma list of parts to run again (search, neighbours, smollm), keeping the other "
+                    "results of results/robustness.json")
+    ap.add_argument("--population", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=6)
     args = ap.parse_args()
+    if args.only:
+        results = json.loads((RESULTS / "robustness.json").read_text())
+        parts = args.only.split(",")
+        if "search" in parts:
+            results["search"] = search_all(args, 200 if args.quick else 1000)
+        if "neighbours" in parts:
+            results["neighbours"] = neighbours()
+        if "smollm" in parts:
+            results["smollm"] = smollm()
+        finish(results)
+        return
     samples = 200 if args.quick else 1000
     results: dict[str, Any] = {"devices": DEVICES, "rs": list(RS), "models": {}, "timing": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,6 +414,42 @@ def main() -> None:
                 sizes = tuple(k for k in (1, 2, 3) if k < devices - 1)
                 growth.append(timing(vit, data, calibration, devices, sizes, 1))
         results["timing"]["growth"] = growth
+    results["search"] = search_all(args, samples)
+    if not args.no_minilm:
+        results["neighbours"] = neighbours()
+    finish(results)
+
+
+def neighbours() -> dict[str, Any]:
+    """MiniLM: the agreement of each sentence's nearest neighbour among the evaluated sentences (cosine of the
+    sentence embeddings) with the unsplit model's, per policy."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, data, calibration, _ = minilm_files(Path(tmp))
+        req = study.Request(path, Cluster.simulated(DEVICES), data, calibration, (Policy.NONE, Policy.FULL,
+                            Policy.K_OF_N), RS, (Importance.ACTIVATION,), (1,), Strategy.HEADS, metric="neighbours",
+                            output="sentence_embedding")
+        rows, prepared, seconds = run_study(req)
+    return {"samples": len(prepared.study.samples), "seconds": seconds,
+            "rows": [row_dict(r, "activation") for r in rows]}
+
+
+def search_all(args: argparse.Namespace, samples: int) -> dict[str, Any]:
+    """--search on the CNN and the ViT (one fraction per region) and MiniLM (one per Transformer block)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data, calibration = mnist_files(Path(tmp), samples)
+        for name in ("cnn", "vit"):
+            out[name] = searched(shipped_model(f"mnist_{name}"), data, calibration, Strategy.HORIZONTAL,
+                                 args.population, args.generations)
+            print(f"{name}: search {out[name]['evaluations']} vectors in {out[name]['seconds']:.0f} s")
+        if not args.no_minilm:
+            path, m_data, m_cal, _ = minilm_files(Path(tmp))
+            out["minilm"] = searched(path, m_data, m_cal, Strategy.HEADS, args.population, args.generations,
+                                     output="sentence_embedding")
+    return out
+
+
+def finish(results: dict[str, Any]) -> None:
     results["goals"] = goals(results)
     write_report("robustness", "Robust split inference (issue 10)", results, sections(results))
     plot(results, ROOT / "benchmarks" / "results" / "robustness.png")
@@ -363,7 +487,50 @@ def sections(results: dict[str, Any]) -> list[tuple[str, str]]:
                                [[g["devices"], ", ".join(f"{k}: {v}" for k, v in g["sets"].items()),
                                  g["evaluate_s"], g["per_set_s"]] for g in t["growth"]])
     out.append(("Time of a full evaluation (every single and double failure)", body))
+    if results.get("neighbours"):
+        n = results["neighbours"]
+        out.append(("minilm: nearest-neighbour ranking agreement (--metric neighbours)",
+                    f"Each of {n['samples']} sentences' nearest neighbour among them (cosine of the sentence "
+                    f"embeddings) against the unsplit model's; {n['seconds']:.0f} s.\n\n" + policies_table(n["rows"])))
+    if results.get("smollm"):
+        m = results["smollm"]
+        cols = ["policy", "r", "memory vs plain", "fault-free", "1 failed: mean", "1 failed: worst",
+                "perplexity fault-free", "perplexity 1 failed: mean", "perplexity 1 failed: worst"]
+        out.append(("smollm2-135m: next-token agreement and perplexity (--strategy heads)",
+                    f"{m['samples']} windows of {m['tokens_per_sample']} tokens of numpy's LICENSE.txt (an installed "
+                    f"package's text, offline); next-token agreement with the unsplit model, weight importance; "
+                    f"{m['seconds']:.0f} s.\n\n" + markdown_table(cols, [
+                        [r["policy"], r["r"], r["memory_vs_plain"], r["fault_free"], r["mean_1"], r["worst_1"],
+                         r["perplexity"], r["perplexity_1_mean"], r["perplexity_1_worst"]] for r in m["rows"]])))
+    if results.get("search"):
+        out.append(("NSGA-II over per-region fractions (--search) against uniform r", search_section(results)))
     return out
+
+
+def search_section(results: dict[str, Any]) -> str:
+    found = results["search"]
+    any_run = next(iter(found.values()))
+    body = (f"k-of-n, activation importance; each fraction from {any_run['grid']} (0 and the r values above), one "
+            f"per region (MiniLM: per Transformer block); population {any_run['population']}, "
+            f"{any_run['generations']} generations, seeded with the uniform vectors; objectives: max per-device "
+            f"parameter memory and the mean metric under single failures. Gain: the largest rise of a front point "
+            f"over the best uniform-r point using no more memory. Measured {any_run['measured']}.\n\n")
+    rows = []
+    for name, res in found.items():
+        gain = res["gain_over_uniform"] or {}
+        rows.append([name, len(res["groups"]), res["samples"], res["evaluations"], res["seconds"], len(res["front"]),
+                     gain.get("memory_vs_plain", "-"), gain.get("uniform_mean", "-"), gain.get("mean", "-"),
+                     gain.get("gain", "-")])
+    body += markdown_table(["model", "variables", "samples", "vectors evaluated", "search s", "front points",
+                            "at memory vs plain", "best uniform r ≤ that memory", "searched", "gain"], rows)
+    for name, res in found.items():
+        uniform = "; ".join(f"r = {r:g}: {u['memory_vs_plain']:.2f}×, {u['mean_1']:.3f}"
+                            for r, u in zip(res["grid"], res["uniform"]))
+        body += f"\n\n{name}, uniform r (memory, mean): {uniform}. The front (fractions in region / block order):\n\n"
+        body += markdown_table(["memory vs plain", "MACs vs plain", "1 failed: mean", "1 failed: worst", "fractions"],
+                               [[p["memory_vs_plain"], p["macs_vs_plain"], p["mean_1"], p["worst_1"],
+                                 " ".join(f"{v:g}" for v in p["fractions"].values())] for p in res["front"]])
+    return body
 
 
 if __name__ == "__main__":

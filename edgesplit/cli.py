@@ -385,9 +385,10 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
                    "output change); several compare the ranked policies' rows.")
 @click.option("--failures", default="1", show_default=True, help="Comma-separated failure-set sizes.")
 @click.option("--strategy", type=click.Choice(["horizontal", "heads"]), default="horizontal", show_default=True)
-@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token"]), default=None,
-              help="Override the metric (default: accuracy with labels, else chosen from the output shape: "
-                   "next-token agreement, plus perplexity, for language-model logits).")
+@click.option("--metric", type=click.Choice(["accuracy", "agreement", "cosine", "next-token", "neighbours"]),
+              default=None, help="Override the metric (default: accuracy with labels, else chosen from the output "
+              "shape: next-token agreement, plus perplexity, for language-model logits; neighbours: the same nearest "
+              "neighbour among the samples as the unsplit model's embeddings).")
 @click.option("--score-output", "score_output", help="The model output scored (default: the first), e.g. a "
               "pooled sentence embedding.")
 @click.option("--f", "f", type=click.IntRange(min=1), default=1, show_default=True, help="Failures k-of-n tolerates.")
@@ -395,11 +396,19 @@ def demo(devices: int, cluster: Path | None, model: str) -> None:
               help="What stands in for units no copy holds: zeros, or their means on the calibration slice.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the rows as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a PNG: metric vs memory.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r as a plan dir.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the first policy / r (or the --pick "
+              "point) as a plan dir.")
+@click.option("--search", "search_", is_flag=True, help="NSGA-II over per-region (per-block with heads) fractions "
+              "of k-of-n (else vital), from 0 and the --r values: memory against the mean under single failures.")
+@click.option("--generations", type=click.IntRange(min=1), help="--search generations [default: 10].")
+@click.option("--population", type=click.IntRange(min=2), help="--search population [default: 20].")
+@click.option("--seed", type=int, help="--search seed [default: 0].")
+@click.option("--pick", type=click.Choice(["memory", "metric", "knee"]), help="Write this front point as -o.")
 def robustness(model: Path, devices: int | None, cluster: Path | None, data_path: Path, calibration: Path | None,
                policies: str, rs: str, importance_: str, failures: str, strategy: str, metric: str | None,
                score_output: str | None, f: int, fill: str, json_path: Path | None, plot_path: Path | None,
-               output: Path | None) -> None:
+               output: Path | None, search_: bool, generations: int | None, population: int | None,
+               seed: int | None, pick: str | None) -> None:
     """Accuracy (or fidelity) of replication policies under every failure set, against their memory."""
     import time
 
@@ -417,19 +426,36 @@ def robustness(model: Path, devices: int | None, cluster: Path | None, data_path
         tuple(data.parse_list(rs, float, "--r")),
         tuple(_parsed(Importance, m, "--importance") for m in data.parse_list(importance_, str, "--importance")),
         tuple(data.parse_list(failures, int, "--failures")), _Strategy(strategy), metric, f, Fill(fill),
-        score_output)
+        score_output, _search(search_, generations, population, seed, pick, output))
     t0 = time.perf_counter()
     prepared = study.prepare_request(request)
     columns = (TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("evaluating", total=prepared.steps)
         rows, first = study.evaluate_all(prepared, f, lambda: progress.advance(task))
+        searching = progress.add_task("searching", total=None) if search_ else None
+        front = study.search_front(prepared, request, rows, f, lambda: progress.advance(searching)) \
+            if search_ else None
     console.print(report.table(rows, prepared.study))
+    if front is not None:
+        console.print(report.front_table(front))
     if any(r.policy is Policy.PARITY for r in rows):
         console.print(report.coded_line(prepared.study.coded_memory()))
     console.print(f"evaluated {len(rows)} rows in {time.perf_counter() - t0:.1f} s")
-    for path in study.write(rows, prepared, request, first, json_path, plot_path, output):
+    for path in study.write(rows, prepared, request, first, json_path, plot_path, output, front, f):
         console.print(f"wrote {path}")
+
+
+def _search(search: bool, generations: int | None, population: int | None, seed: int | None, pick: str | None,
+            plan_dir: Path | None):
+    from edgesplit.robust import study
+
+    asked = [name for name, v in (("--generations", generations), ("--population", population), ("--seed", seed),
+                                  ("--pick", pick)) if v is not None]
+    config = study.Search(generations or 10, population or 20, seed or 0,
+                          study.Pick(pick) if pick else None) if search else None
+    study.check_search(config, asked, plan_dir)
+    return config
 
 
 def _parsed(kind, value: str, what: str):

@@ -38,6 +38,7 @@ from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 MODELS = ("mnist_cnn", "mnist_vit")
 RTOL = 1e-5
+ROBUST_DEVICES = 4  # the device-lost part splits over at least this many simulated devices
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ def run_demo(devices: int = 3, console: Console | None = None, cluster: str | Pa
                   f"local executor):  [bold]{acc_split:.2%}[/]  ({t2 - t1:.2f} s)")
     console.print(f"[green]equal[/]: the same prediction for all {len(test)} digits; "
                   f"max relative logit difference {diff.max_rel:.2g} (tolerance {RTOL:g})")
-    robust = device_lost(graph, the_cluster, test.images, test.labels, console) if len(the_cluster.devices) > 2 \
-        else None
+    lossy = the_cluster if cluster is not None else Cluster.simulated(max(len(the_cluster.devices), ROBUST_DEVICES))
+    robust = device_lost(graph, lossy, test.images, test.labels, console) if len(lossy.devices) > 2 else None
     return {
         "model": model,
         "model_sha256": graph.sha256,
@@ -113,9 +114,11 @@ def run_demo(devices: int = 3, console: Console | None = None, cluster: str | Pa
 
 
 def device_lost(graph: Graph, cluster: Cluster, images: np.ndarray, labels: np.ndarray, console: Console,
-                r: float = 0.5, calibration: int = 100) -> dict[str, Any]:
+                r: float = 0.5, calibration: int = 100, batch: int = 100, lost_after: int = 4) -> dict[str, Any]:
     """Split horizontally, lose one device that holds only parts: the plain split's accuracy (degraded answers)
-    against the same split with the vital half of every part's units on the next device (k-of-n, standby)."""
+    against the same split with the vital half of every part's units on the next device (k-of-n, standby); then
+    the replicated plan answers the digits as a stream of batches, the device lost after `lost_after` of them."""
+    t0 = time.perf_counter()
     rewritten, placement = layout(graph, cluster, strategy=Strategy.HORIZONTAL)
     scores = importance(rewritten, Importance.ACTIVATION, {"input": images[:calibration]})
     extra = replicas(rewritten, Policy.K_OF_N, scores, r)
@@ -128,12 +131,38 @@ def device_lost(graph: Graph, cluster: Cluster, images: np.ndarray, labels: np.n
            for name, p in (("plain", plain), ("replicated", replicated))}
     fault_free = accuracy(LocalExecutor(plain).run(x).outputs["logits"], y)
     memory = max_param_bytes(replicated) / max_param_bytes(plain)
-    console.print(f"device {lost} lost, horizontal split over {len(cluster.devices)} devices, {len(y)} digits: "
-                  f"plain split [bold]{acc['plain']:.2%}[/] (degraded answers), with the vital {r:.0%} of every "
-                  f"part's units replicated on the next device [bold]{acc['replicated']:.2%}[/] at {memory:.2f}x the "
-                  f"plain split's per-device parameter memory; no device lost: {fault_free:.2%}")
-    return {"lost": lost, "fault_free": fault_free, "plain": acc["plain"], "replicated": acc["replicated"],
-            "memory_vs_plain": memory, "r": r}
+    stream = lost_mid_stream(replicated, x["input"], y, lost, batch, lost_after)
+    table = Table(title=f"device {lost} lost: horizontal split over {len(cluster.devices)} devices, {len(y)} digits")
+    for col in ("layout", "per-device parameters vs plain", "accuracy"):
+        table.add_column(col, justify="left" if col == "layout" else "right")
+    table.add_row("no device lost", "1.00x", f"{fault_free:.2%}")
+    table.add_row(f"plain split, {lost} lost (degraded answers)", "1.00x", f"[bold]{acc['plain']:.2%}[/]")
+    table.add_row(f"vital {r:.0%} of every part's units on the next device (k-of-n), {lost} lost", f"{memory:.2f}x",
+                  f"[bold]{acc['replicated']:.2%}[/]")
+    console.print(table)
+    console.print(f"device {lost} lost mid-stream ({len(stream['answers'])} batches of {batch}, lost after batch "
+                  f"{lost_after}): answers {' '.join(stream['answers'])}; accuracy after the loss "
+                  f"{stream['accuracy_after']:.2%} (the in-process evaluation of that failure set: "
+                  f"{stream['evaluated_after']:.2%}); {time.perf_counter() - t0:.1f} s")
+    return {"lost": lost, "devices": len(cluster.devices), "fault_free": fault_free, "plain": acc["plain"],
+            "replicated": acc["replicated"], "memory_vs_plain": memory, "r": r, "stream": stream,
+            "seconds": time.perf_counter() - t0}
+
+
+def lost_mid_stream(plan: Plan, images: np.ndarray, labels: np.ndarray, lost: str, batch: int,
+                    lost_after: int) -> dict[str, Any]:
+    """Batches through one executor, `lost` down from batch `lost_after` on: each answer full or degraded, and
+    the accuracy after the loss against the evaluation of that failure set on the same digits."""
+    executor = LocalExecutor(plan, allow_degraded=True)
+    marks, logits = [], []
+    for k, start in enumerate(range(0, len(images), batch)):
+        answer = executor.run({"input": images[start:start + batch]}, failed={lost} if k >= lost_after else None)
+        marks.append("degraded" if answer.degraded else "full")
+        logits.append(answer.outputs["logits"])
+    after = slice(lost_after * batch, None)
+    evaluated = LocalExecutor(plan, allow_degraded=True).run({"input": images[after]}, failed={lost})
+    return {"answers": marks, "accuracy_after": accuracy(np.concatenate(logits[lost_after:]), labels[after]),
+            "evaluated_after": accuracy(evaluated.outputs["logits"], labels[after])}
 
 
 def activation_peak(graph: Graph, stage: Stage) -> int:

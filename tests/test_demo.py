@@ -66,6 +66,15 @@ def test_demo_loses_a_device_and_keeps_accuracy_with_replicas(demo_run):
     assert lost["plain"] < lost["replicated"] <= lost["fault_free"]
     assert 1 < lost["memory_vs_plain"] < 2
     assert f"device {lost['lost']} lost" in text and f"{lost['replicated']:.2%}" in text
+    assert lost["devices"] == 4  # the CNN split over 4 devices, though the demo's vertical plan uses 3
+
+
+def test_demo_loses_the_device_mid_stream_and_the_answers_say_so(demo_run):
+    numbers, text = demo_run
+    stream = numbers["robustness"]["stream"]
+    assert stream["answers"] == ["full"] * 4 + ["degraded"] * 5  # 9 batches of 100 digits, lost after the 4th
+    assert stream["accuracy_after"] == stream["evaluated_after"] > numbers["robustness"]["plain"]
+    assert f"accuracy after the loss {stream['accuracy_after']:.2%}" in " ".join(text.split())
 
 
 def test_demo_memory_per_device(demo_run, cnn):

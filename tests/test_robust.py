@@ -241,6 +241,50 @@ def test_heads_on_a_small_bert_full_replication_keeps_the_embeddings(tmp_path):
     assert none["memory_vs_plain"] < k_of_n["memory_vs_plain"] < full["memory_vs_plain"]
 
 
+def test_neighbour_agreement_is_the_share_of_samples_keeping_their_nearest_neighbour():
+    from edgesplit.robust.evaluate import Metric, nearest_neighbours, score
+
+    points = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert nearest_neighbours(points).tolist() == [1, 0, 3, 2]
+    moved = points.copy()
+    moved[3] = [0.8, 0.6]  # now nearer 1 than 2; 2's nearest is still 3
+    assert nearest_neighbours(moved).tolist() == [1, 0, 3, 1]
+    assert score(Metric.NEIGHBOURS, moved, points, None) == 0.75
+    assert score(Metric.NEIGHBOURS, 3 * points, points, None) == 1.0  # scale does not move a cosine neighbour
+
+
+def test_heads_scored_by_nearest_neighbour_agreement(tmp_path):
+    from test_transformer_split_models import export
+
+    model = export("bert", tmp_path)
+    ids = np.random.default_rng(1).integers(0, 128, (24, 7)).astype(np.int64)
+    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    result = _cli(model, "--devices", 4, "--strategy", "heads", "--data", tmp_path / "data.npz", "--metric",
+                  "neighbours", "--policy", "none,full", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    none, full = doc["rows"]
+    assert doc["metric"] == "neighbours" and none["fault_free"] == full["fault_free"] == 1.0
+    assert all(s["value"] == 1.0 for s in full["failures"]["1"]["sets"])
+    assert 0.0 <= none["failures"]["1"]["worst"] <= 1.0
+
+
+def test_search_with_heads_has_one_fraction_per_transformer_block(tmp_path):
+    from test_transformer_split_models import export
+
+    from edgesplit.robust.frontier import groups
+
+    rewritten, _ = layout(load(export("bert", tmp_path)), Cluster.simulated(4), strategy="heads")
+    blocks = sorted({r.block for r in rewritten.regions})
+    assert len(blocks) >= 2 and None not in blocks
+    got = groups(rewritten, per_block=True)
+    assert [label for label, _ in got] == [f"block {b}" for b in blocks]
+    assert sorted(n for _, names in got for n in names) == sorted(r.name for r in rewritten.regions)
+    block_of = {r.name: r.block for r in rewritten.regions}
+    assert all({block_of[n] for n in names} == {int(label.split()[1])} for label, names in got)
+    assert len(groups(rewritten, per_block=False)) == len(rewritten.regions)
+
+
 def test_ablation_scores_are_the_measured_output_change_of_removing_a_unit(tmp_path):
     from test_parity import linear_model
 
@@ -320,3 +364,66 @@ def test_one_vector_per_sample_is_a_classifier_unless_every_vector_has_unit_leng
     unit = scores / np.linalg.norm(scores, axis=1, keepdims=True)  # a normalised sentence embedding
     assert choose_metric(study.plain, None, reference=unit) is Metric.COSINE
     assert choose_metric(study.plain, None, "agreement", reference=unit) is Metric.AGREEMENT
+
+
+def _single_failure_accuracy(plan, samples: Samples) -> float:
+    executor = LocalExecutor(plan, allow_degraded=True)
+    return float(np.mean([accuracy(run_batched(executor, samples, (d,)), samples.labels)
+                          for d in ("dev1", "dev2", "dev3")]))
+
+
+def test_search_finds_a_front_no_worse_than_uniform_r_and_writes_the_picked_point(mnist_files, tmp_path):
+    from edgesplit.plan import Plan
+
+    out = tmp_path / "plan"
+    result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz", "--policy", "k-of-n",
+                  "--r", "0.25,0.5", "--importance", "activation", "--search", "--generations", 3, "--population", 6,
+                  "--pick", "knee", "--json", tmp_path / "r.json", "--plot", tmp_path / "r.png", "-o", out)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "r.json").read_text())
+    search, rows = doc["search"], doc["rows"]
+    front, uniform = search["front"], search["uniform"]
+    assert search["grid"] == [0.0, 0.25, 0.5] and len(search["groups"]) == 2  # the CNN's two regions
+    # the uniform points are the table's rows (r = 0: the plain split), evaluated once
+    assert [(u["memory_vs_plain"], u["mean_1"]) for u in uniform[1:]] == \
+        [(r["memory_vs_plain"], r["failures"]["1"]["mean"]) for r in rows]
+    assert uniform[0]["memory_vs_plain"] == 1.0
+    memory = [p["memory_vs_plain"] for p in front]
+    assert memory == sorted(memory)
+    for p in front:  # non-dominated
+        assert not any(q["memory_vs_plain"] <= p["memory_vs_plain"] and q["mean_1"] > p["mean_1"] for q in front)
+    for u in uniform:  # the front is never worse than one r everywhere
+        assert any(p["memory_vs_plain"] <= u["memory_vs_plain"] + 1e-12 and p["mean_1"] >= u["mean_1"] for p in front)
+    gain = search["gain_over_uniform"]
+    assert gain["gain"] == pytest.approx(gain["mean"] - gain["uniform_mean"]) and gain["gain"] >= 0
+    # the picked plan: a front point's fractions, its accuracy under single failures measured directly
+    plan = Plan.load(out)
+    samples = Samples({"input": np.load(mnist_files / "data.npz")["input"][20:]},
+                      np.load(mnist_files / "data.npz")["labels"][20:])  # past the calibration slice
+    got = _single_failure_accuracy(plan, samples)
+    picked = [p for p in front if p["mean_1"] == pytest.approx(got, abs=1e-9)]
+    assert picked, (got, front)
+    for region in plan.regions:
+        copies = sum(len(rep.units) for part in region.parts for rep in part.replicas)
+        want = vital_count(region, picked[0]["fractions"][region.name])
+        assert copies == want, region.name  # k-of-n, f = 1: each vital unit copied once
+    verified = CliRunner().invoke(main, ["verify", str(out)])
+    assert verified.exit_code == 0 and "yes" in verified.output, verified.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--pick", "knee"], "--pick: only with --search (its front and the point written); expected --search, got none"),
+    (["--generations", "2"], "--generations: only with --search"),
+    (["--search", "--pick", "memory", "--no-plan"], "--pick writes the chosen point as a plan: expected -o"),
+    (["--search", "--policy", "none,full"], "expected one in --policy, got ['none', 'full']"),
+    (["--search", "--failures", "2"], "--search scores single failures: expected 1 in --failures, got [2]"),
+])
+def test_bad_search_input_exits_2_and_writes_nothing(mnist_files, tmp_path, extra, message):
+    out = tmp_path / "out"
+    plan = [] if "--no-plan" in extra else ["-o", out / "plan"]
+    extra = [a for a in extra if a != "--no-plan"]
+    result = _cli(shipped_model("mnist_cnn"), "--devices", 4, "--data", mnist_files / "data.npz", "--r", "0.25",
+                  *extra, "--json", out / "r.json", *plan)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not out.exists()

@@ -4,7 +4,8 @@ Each plan runs in one `LocalExecutor(plan, allow_degraded=True)` (it caches one 
 of the evaluated samples. Devices that hold nodes outside every region's parts (combines, unsplit layers) cannot
 fail without the request failing; they are left out of the failure sets and named (`fatal`). The metric is top-1
 accuracy with labels, else top-1 agreement with the unsplit model (a classifier: one score vector per sample), else
-the cosine similarity of the outputs to the unsplit model's (embeddings), averaged over samples and positions.
+the cosine similarity of the outputs to the unsplit model's (embeddings), averaged over samples and positions;
+`neighbours` (asked for) scores embeddings by the agreement of each sample's nearest neighbour among the samples.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from edgesplit.planner import plan as plan_of
 from edgesplit.planner import with_replicas
 from edgesplit.robust.importance import Importance, importance
 from edgesplit.rewrite.coded import add_coded, placement_with
-from edgesplit.robust.policies import Policy, coded, replicas
+from edgesplit.robust.policies import Fractions, Policy, coded, replicas
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
 
 BATCH = 256
@@ -36,6 +37,7 @@ class Metric(Choice):
     AGREEMENT = "agreement"
     COSINE = "cosine"
     NEXT_TOKEN = "next-token"  # a language model: agreement of the next-token argmax at every position
+    NEIGHBOURS = "neighbours"  # embeddings: each sample's nearest other sample (cosine) the unsplit model's
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,25 @@ def score(metric: Metric, output: np.ndarray, reference: np.ndarray, labels: np.
         same = np.argmax(output, axis=-1) == np.argmax(reference, axis=-1)
         return float(np.average(same, weights=mask)) if mask is not None and mask.shape == same.shape \
             else float(np.mean(same))
+    if metric is Metric.NEIGHBOURS:
+        return neighbour_agreement(output, reference)
     a, b = output.astype(np.float64), reference.astype(np.float64)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return float(np.mean(np.sum(a * b, axis=-1) / np.maximum(norms, 1e-12)))
+
+
+def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
+    """Per sample, the index of the most cosine-similar other sample (each sample's values flattened)."""
+    v = embeddings.reshape(len(embeddings), -1).astype(np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    similarity = v @ v.T
+    np.fill_diagonal(similarity, -np.inf)
+    return similarity.argmax(axis=1)
+
+
+def neighbour_agreement(output: np.ndarray, reference: np.ndarray) -> float:
+    """The share of samples whose nearest neighbour among the samples is the one the unsplit model gives."""
+    return float(np.mean(nearest_neighbours(output) == nearest_neighbours(reference)))
 
 
 def perplexity(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -242,7 +260,7 @@ class Study:
     mask: str | None = None  # the attention mask input of the same shape, weighting positions
     output: str | None = None  # the model output scored (default: the first)
 
-    def plan(self, policy: Policy, r: float, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
+    def plan(self, policy: Policy, r: Fractions, scores: Mapping[str, np.ndarray] | None, f: int = 1) -> Plan:
         if policy is Policy.PARITY:
             graph, placement = self.coded_layout()
         else:
@@ -275,6 +293,17 @@ class Study:
         failures = {size: {s: values[s] for s in sets} for size, sets in self.sets.items()}
         return Row(policy, r, max_param_bytes(plan) / max_param_bytes(self.plain),
                    max_macs(plan) / max_macs(self.plain), values[()], failures, perplexity=ppl)
+
+    def single_failures(self, plan: Plan) -> dict[FailureSet, float | None]:
+        """The metric under each single failure only (a replicated plan's fault-free answer is the plain one's)."""
+        executor = LocalExecutor(plan, allow_degraded=True)
+        return {s: self._score(executor, s)[0] for s in failure_sets(self.holders, (1,))[1]}
+
+    @property
+    def holders(self) -> list[str]:
+        """The devices whose loss the failure sets range over."""
+        return [d for d in self.plain.devices if d not in self.fatal and any(p.device == d for r in self.plain.regions
+                                                                            for p in r.parts)]
 
     def _score(self, executor: LocalExecutor, failed: FailureSet) -> tuple[float | None, float | None]:
         """The metric on every sample, and the perplexity for a language model whose tokens the data gives."""

@@ -9,6 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from edgesplit.robust.evaluate import CodedMemory, Row, Study
+from edgesplit.robust.frontier import Front
 from edgesplit.robust.policies import Policy
 
 
@@ -52,8 +53,24 @@ def document(rows: Sequence[Row], study: Study, model: str, importance: str) -> 
             "failure_sizes": list(study.sets), "rows": [r.to_dict() for r in rows]}
 
 
-def plot(rows: Sequence[Row], study: Study, path: Path) -> None:
-    """The metric under single failures (mean) against memory_vs_plain, one curve per policy."""
+def front_table(front: Front) -> Table:
+    gain = front.gain()
+    title = (f"--search ({front.policy.value}): {len(front.points)} front points of {front.evaluations} fraction "
+             f"vectors in {front.seconds:.1f} s; " +
+             (f"best gain over uniform r at no more memory: {gain['gain']:+.4f} at {gain['memory_vs_plain']:.3f}x"
+              if gain else "no uniform point to compare"))
+    out = Table(title=title)
+    for col in ("memory vs plain", "MACs vs plain", "1 failed: mean", "1 failed: worst", "fractions"):
+        out.add_column(col, justify="left" if col == "fractions" else "right")
+    for p in front.points:
+        values = " ".join(f"{front.grid[v]:g}" for v in p.levels)
+        out.add_row(f"{p.memory_vs_plain:.3f}", f"{p.macs_vs_plain:.3f}", f"{p.mean:.4f}", f"{p.worst:.4f}", values)
+    return out
+
+
+def plot(rows: Sequence[Row], study: Study, path: Path, front: Front | None = None) -> None:
+    """The metric under single failures (mean) against memory_vs_plain, one curve per policy (and the searched
+    front beside the uniform-r curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,6 +85,9 @@ def plot(rows: Sequence[Row], study: Study, path: Path) -> None:
                  Policy.PARITY: dict(marker="D", ms=8)}.get(policy, {"marker": "o"})
         label = _label(policy) + (f" ({method})" if method else "")
         ax.plot(*zip(*points), label=label, linestyle="-" if len(points) > 1 else "none", **style)
+    if front is not None:
+        ax.plot([p.memory_vs_plain for p in front.points], [p.mean for p in front.points], marker="^",
+                linestyle="--", color="black", label=f"{front.policy.value}, searched per-region r (NSGA-II)")
     ax.set_xlabel("max per-device parameter memory / plain split's")
     ax.set_ylabel(f"{study.metric.value}, mean over {size}-device failures")
     ax.set_title(f"robustness vs memory ({len(study.cluster.names)} devices)")
