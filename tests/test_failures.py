@@ -19,12 +19,9 @@ from edgesplit.cluster import Cluster
 from edgesplit.errors import DeviceFailedError, PlanError
 from edgesplit.layout import ReplicaMode
 from edgesplit.planner import partition
-from edgesplit.planner import plan as plan_of
-from edgesplit.planner import with_replicas
 from edgesplit.place.parts import place
 from edgesplit.rewrite.base import SplitRequest
 from edgesplit.rewrite.cnn import apply
-from edgesplit.rewrite.replicas import ReplicaRequest
 from edgesplit.runtime.common import random_inputs
 from edgesplit.runtime.failures import DeviceLost, Tally
 from edgesplit.runtime.local import LocalExecutor, run_whole_model

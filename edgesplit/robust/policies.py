@@ -82,8 +82,8 @@ def coded(graph: Graph, only: Sequence[str] | None = None) -> list[CodedRequest]
         raise MappingError("parity: " + "; ".join(reasons))
     linear = [r for r in graph.regions if r.name in problems and not problems[r.name]]
     if not linear:
-        raise MappingError(f"parity: expected linear regions (a Conv / Gemm / MatMul split by output channels, then "
-                           f"at most a bias, meeting at a Concat), got none: " + "; ".join(reasons[:3]))
+        raise MappingError("parity: expected linear regions (a Conv / Gemm / MatMul split by output channels, then "
+                           "at most a bias, meeting at a Concat), got none: " + "; ".join(reasons[:3]))
     return [rotation(region, k) for k, region in enumerate(linear)]
 
 

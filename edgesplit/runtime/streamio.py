@@ -61,7 +61,7 @@ def check_requests(plan: Plan, requests: list[dict[str, np.ndarray]]) -> None:
                 problems.append(f"request {i}: " + "; ".join(str(exc).split("\n  ")[1:]))
     if problems and len(problems) == len(requests):
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise InputError(f"no request of the stream matches the model's inputs:\n  " + "\n  ".join(problems[:5]) + more)
+        raise InputError("no request of the stream matches the model's inputs:\n  " + "\n  ".join(problems[:5]) + more)
 
 
 def check_answers_path(path: Path) -> None:
@@ -79,7 +79,7 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             if not isinstance(data, np.lib.npyio.NpzFile):
-                raise ValueError(f"it holds one bare array, expected arrays keyed by name (np.savez)")
+                raise ValueError("it holds one bare array, expected arrays keyed by name (np.savez)")
             return {k: data[k] for k in data.files}
     except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"{path} is not a readable .npz file: {exc}") from None

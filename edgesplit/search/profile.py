@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from edgesplit.bench.harness import median_seconds
 from edgesplit.errors import InputError
 from edgesplit.graph import Graph
 from edgesplit.runtime.common import random_inputs, session_options
@@ -155,14 +155,7 @@ def live_bytes(graph: Graph) -> np.ndarray:
 
 def _whole_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> float:
     sess = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, dict(feeds))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, dict(feeds))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: sess.run(None, dict(feeds)), repeats)
 
 
 def _node_seconds(model: bytes, feeds: Mapping[str, np.ndarray], threads: int, repeats: int) -> dict[str, float]:
@@ -193,18 +186,7 @@ def _tiny() -> bytes:
 def _call_seconds(threads: int, repeats: int) -> float:
     sess = ort.InferenceSession(_tiny(), session_options(threads), providers=["CPUExecutionProvider"])
     x = {"x": np.zeros(1, np.float32)}
-    return _median_call(lambda: sess.run(None, x), repeats)
-
-
-def _median_call(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: sess.run(None, x), repeats, warmup=10)
 
 
 def _memory(model: bytes, feeds: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
