@@ -509,7 +509,8 @@ def test_devices_check_the_plan_signature_with_their_own_key(ray_instance, tmp_p
 
     other = _other_key(tmp_path)
     plan = edgesplit.Plan.load(_plan(tmp_path, key=other), key=other)
-    with pytest.raises(EdgesplitError, match=f"device 'dev0' refuses its stages: the plan is signed with key id "
+    # whichever device answers first refuses (on a busy machine, not always dev0)
+    with pytest.raises(EdgesplitError, match=f"device 'dev[0-9]+' refuses its stages: the plan is signed with key id "
                                              f"{other.key_id}, but this device's key is key id "):
         executor(plan, threads=1)
 
