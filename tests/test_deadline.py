@@ -30,6 +30,23 @@ MARGIN = 2.0  # patient: on a busy machine the stages after a late one may take 
 SLACK = 2.5  # seconds for a busy machine on top of the bound; the old behaviour took 12 s
 
 
+def stopped_meanwhile(session, requests, pid: int, stop_after: int, continue_after: int):
+    """The timed answers of a paced stream whose device process `pid` is stopped (SIGSTOP) after answer
+    `stop_after` and continued after `continue_after`; and [when it was stopped]."""
+    stopped: list[float] = []
+
+    def stop():
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(time.monotonic())
+
+    try:
+        got = timed(session.stream(paced(requests)), {stop_after: stop,
+                                                       continue_after: lambda: os.kill(pid, signal.SIGCONT)})
+    finally:
+        os.kill(pid, signal.SIGCONT)  # a failing test must not leave the process stopped
+    return got, stopped
+
+
 @pytest.fixture(scope="module")
 def horizontal():
     return split_conv_plan(HORIZONTAL)
@@ -63,16 +80,7 @@ def test_a_stopped_device_is_routed_around_within_the_deadline_and_used_again_af
     with executor(plan, dataplane="tasks", deadline=DEADLINE, margin=MARGIN, rejoin_interval=0.2) as ex:
         pid = ex.stats()["dev1"]["pid"]
         session = ex.session(4)
-        stopped: list[float] = []
-
-        def stop():
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(time.monotonic())
-
-        try:
-            got = timed(session.stream(paced(requests)), {5: stop, 25: lambda: os.kill(pid, signal.SIGCONT)})
-        finally:
-            os.kill(pid, signal.SIGCONT)  # a failing test must not leave the process stopped
+        got, stopped = stopped_meanwhile(session, requests, pid, stop_after=5, continue_after=25)
         calls_after = ex.stats()["dev1"]["calls"]
         report = session.report()
     assert longest_gap(got, stopped[0]) < DEADLINE + MARGIN + SLACK
@@ -141,16 +149,7 @@ def test_a_stopped_device_under_a_compiled_graph_is_routed_around_on_actor_calls
         session = ex.session(4)
         list(session.stream(requests[:4]))
         assert ex.compiled_graph_active
-        stopped: list[float] = []
-
-        def stop():
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(time.monotonic())
-
-        try:
-            got = timed(session.stream(paced(requests)), {3: stop, 20: lambda: os.kill(pid, signal.SIGCONT)})
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        got, stopped = stopped_meanwhile(session, requests, pid, stop_after=3, continue_after=20)
         report = session.report()
     # the graph cannot say which stage is late: one margin on actor calls finds it, a second answers around it
     assert longest_gap(got, stopped[0]) < deadline + 2 * MARGIN + slack

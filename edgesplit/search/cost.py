@@ -186,6 +186,12 @@ class CostModel:
         """The largest overshoot of a device's memory budget, as a fraction of it (≤ 0: everything fits)."""
         return float(((np.asarray(c.memory) - self.budget) / self.budget).max())
 
+    def memory_over_budget(self, v: Vertical) -> float:
+        """`over_budget` of a layout from its memory alone (what a repair needs, without latency and links)."""
+        b = np.asarray(v.bounds(self.n))
+        memory, _ = self._memory(b, np.asarray(v.order), b[1:] > b[:-1], v.standby)
+        return float(((memory - self.budget) / self.budget).max())
+
 
 def equal_layers(n: int, k: int) -> Vertical:
     """AutoDiCE-style: the same number of layers per device, in cluster order."""

@@ -89,7 +89,7 @@ class _MemoryRepair(Repair):
         model = problem.model
         for row, x in enumerate(X):
             v = decode(x, model.n, model.k)
-            if model.over_budget(model.costs(v)) <= 0:
+            if model.memory_over_budget(v) <= 0:
                 continue
             b = v.bounds(model.n)
             need = [model.param_prefix[b[s + 1]] - model.param_prefix[b[s]] for s in range(model.k)]

@@ -11,7 +11,6 @@ fresh process opening and running that device's stages (`edgesplit.demo.device_m
 from __future__ import annotations
 
 import pickle
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,7 +20,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 from onnx import TensorProto, helper
 
+from edgesplit.bench.harness import median_seconds
 from edgesplit.cluster import Cluster, Link
+from edgesplit.errors import EdgesplitError
 from edgesplit.graph import Graph, from_model
 from edgesplit.layout import Choice
 from edgesplit.plan import Plan
@@ -69,16 +70,7 @@ def executor(plan: Plan, backend: Backend, threads: int) -> Iterator[tuple[Runne
 
 
 def latency(run: Runner, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
-    import time
-
-    for _ in range(3):
-        run(feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run(feeds)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: run(feeds), repeats)
 
 
 def measure(plan: Plan, graph: Graph, backend: Backend, threads: int, repeats: int = 20,
@@ -113,7 +105,7 @@ def _device_memory(plan: Plan, device: str, sample: Mapping[str, np.ndarray]) ->
     done = subprocess.run([sys.executable, "-c", "from edgesplit.search.validate import _memory_main; _memory_main()"],
                           input=pickle.dumps(stages), capture_output=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"measuring {device}'s memory in a subprocess failed: {done.stderr.decode()[-2000:]}")
+        raise EdgesplitError(f"measuring {device}'s memory in a subprocess failed: {done.stderr.decode()[-2000:]}")
     model, runtime = done.stdout.decode().split()[-2:]
     return int(model), int(runtime)
 
