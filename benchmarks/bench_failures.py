@@ -227,7 +227,7 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     resources = {raycluster.resource(d): 1 for d in DEVICES}
     ray.init(num_cpus=len(DEVICES), resources=resources, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _system_config=raycluster.WORKER_PRIORITY)
     previous = RESULTS / "failures.json"
     data = json.loads(previous.read_text()) if (args.only_failover or args.only_replicas) and previous.is_file() \
         else {"machine": machine(), "repeats": repeats}

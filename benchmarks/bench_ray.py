@@ -354,7 +354,8 @@ def main() -> None:
     if args.quick:
         args.repeats, args.requests, args.size = 5, 32, 112
     resources = {raycluster.resource(d): 1 for d in DEVICES}
-    ray.init(num_cpus=len(DEVICES), resources=resources, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=len(DEVICES), resources=resources, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config=raycluster.WORKER_PRIORITY)
     with tempfile.TemporaryDirectory() as tmp:
         model = zoo.export(zoo.resnet18(), (1, 3, args.size, args.size), Path(tmp) / "resnet18.onnx")
         graph = edgesplit.load(model)

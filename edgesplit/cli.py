@@ -252,7 +252,8 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
                    "or fill with --allow-degraded) without being declared dead, so answers come within the deadline "
                    "plus about 1 s.")
 @click.option("--dataplane", type=click.Choice(Dataplane.names()), default="auto", show_default=True,
-              help="ray: actor calls, Ray Compiled Graphs, or measure both on the first request and keep the faster.")
+              help="ray: actor calls, Ray Compiled Graphs, the peer mesh (devices exchange tensors directly, one call "
+                   "per device per request), or measure them on the first request and keep the fastest.")
 @click.option("--chunk", type=click.IntRange(min=1), default=1, show_default=True,
               help="ray: requests sent through each device per call; more divides Ray's per-call cost (throughput), "
                    "and each chunk of N gets N times the deadline.")

@@ -113,6 +113,7 @@ class Dataplane(Choice):
     AUTO = "auto"
     COMPILED = "compiled"
     TASKS = "tasks"
+    PEER = "peer"
 
 
 class Backend(Choice):

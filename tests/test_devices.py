@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from edgesplit.cluster import Cluster
 from edgesplit.errors import ClusterError, EdgesplitError
 from edgesplit.runtime import raynodes
 
@@ -144,3 +145,20 @@ def test_ray_start_arguments():
     assert args[args.index("--num-cpus") + 1] == "2" and args[args.index("--memory") + 1] == str(2**31)
     assert args[args.index("--node-ip-address") + 1] == "10.0.0.7" and "--block" not in args
     assert "--resources" not in raynodes.NodeOptions().ray_args()  # a head that hosts no device
+
+
+def test_ray_instances_edgesplit_starts_run_device_actors_at_normal_priority(monkeypatch):
+    """Ray's default nice 15 lets any busy process on a device starve its actor: edgesplit asks for nice 0."""
+    import ray
+
+    from edgesplit.runtime import raycluster
+
+    seen = {}
+    node = {"Alive": True, "NodeID": "n1", "NodeManagerAddress": "127.0.0.1", "Resources": {"edgesplit_device:dev0": 1}}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(ray, "nodes", lambda: [node])
+    monkeypatch.setattr(raycluster, "private_local_token", __import__("contextlib").nullcontext)
+    assert raycluster.connect(Cluster.simulated(1), ["dev0"]) is True
+    assert seen["_system_config"]["worker_niceness"] == 0
+    assert raynodes.auth_env(auth=False)["RAY_worker_niceness"] == "0"  # `device head` / `device join` too

@@ -22,7 +22,8 @@ def ray_devices():
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=3, resources={raycluster.resource(f"dev{i}"): 1 for i in range(3)}, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+                 log_to_driver=False, configure_logging=False,
+                 _system_config=raycluster.WORKER_PRIORITY)
     yield
     if started:
         ray.shutdown()

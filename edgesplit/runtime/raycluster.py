@@ -92,6 +92,11 @@ def _gcs_answers(address: str, timeout: float) -> None:
         raise ClusterError(f"the Ray head at {address} did not answer as Ray: {str(exc).splitlines()[0]}") from None
 
 
+# Ray starts its workers at nice 15, so that the raylet stays responsive; but a device actor is the device's workload:
+# at nice 15 any other busy process starves it (with two busy loops on a 2-core machine, Ray tests ran ~30x slower)
+WORKER_PRIORITY = {"worker_niceness": 0}
+
+
 def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None, timeout: float = 10.0) -> bool:
     """Make sure Ray runs and hosts every device once; returns True when this call started a local Ray instance."""
     import ray
@@ -109,7 +114,7 @@ def connect(cluster: Cluster, devices: Iterable[str], address: str | None = None
             cores = sum(cluster.device(d).cores for d in devices)
             with private_local_token():
                 ray.init(num_cpus=max(cores, 1), resources={resource(d): 1 for d in devices}, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False)
+                         log_to_driver=False, configure_logging=False, _system_config=WORKER_PRIORITY)
             started = True
     check_devices(hosts(ray.nodes()), devices)
     return started

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
+
+from edgesplit.errors import first_line
 
 CLOSE_TEARDOWN_WAIT = 2  # seconds; Ray's DAGContext wants an int
 
@@ -32,3 +34,9 @@ def quiet_teardown(dag: Any, kill_actors: bool = False) -> None:
         pass
     finally:
         context.teardown_timeout = wait
+
+
+def cause_line(exc: BaseException) -> str:
+    """What went wrong, in one line: for an error raised in an actor, the stage's own error, not Ray's wrapper."""
+    cause = getattr(exc, "cause", None) if isinstance(exc, RayTaskError) else None
+    return first_line(cause if isinstance(cause, BaseException) else exc)

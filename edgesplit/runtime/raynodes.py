@@ -190,6 +190,7 @@ def _reset_token_cache() -> None:
 def auth_env(auth: bool = True, token_file: Path | None = None, base: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment for a Ray process (or client) of an edgesplit cluster."""
     env = dict(base)
+    env["RAY_worker_niceness"] = "0"  # the device actors at normal priority (raycluster.WORKER_PRIORITY)
     if not auth:
         env["RAY_AUTH_MODE"] = "disabled"
         return env

@@ -18,15 +18,21 @@ from edgesplit.errors import EdgesplitError
 from edgesplit.runtime.common import device_providers
 from edgesplit.runtime.failures import StandIn
 from edgesplit.runtime.lean import lean_session, start_onnxruntime, trim
+from edgesplit.runtime.peer import PeerError, PeerNode, Program
 from edgesplit.signing import Seal, check_stages, find_key
-
 
 # Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
 # still blocked on a tensor from a silent device; the driver restores the order of the answers.
-@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1}, allow_out_of_order_execution=True)
+# one thread per peer call in flight: a call waiting for its turn must never keep the call whose turn it is out
+PEER_CALLS = 40
+
+
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1, "peer": PEER_CALLS},
+            allow_out_of_order_execution=True)
 class DeviceWorker:
     """One device: its own stages only, onnxruntime threads = the device's cores. `ping`/`stats` never queue behind
-    a running stage (own concurrency group), so a busy device is told apart from a silent one."""
+    a running stage (own concurrency group), so a busy device is told apart from a silent one. The `peer_*`
+    methods run the peer data plane (`runtime.peer`): whole requests, tensors pushed device to device."""
 
     def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
                  threads: int, cpus: tuple[int, ...] = (), providers: tuple[str, ...] = (),
@@ -58,6 +64,16 @@ class DeviceWorker:
         self.bytes_in: dict[str, int] = defaultdict(int)  # "stage/tensor" -> bytes received
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.peer: PeerNode | None = None
+
+    def _stage(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for name, value in feeds.items():
+            self.bytes_in[f"{stage}/{name}"] += value.nbytes
+        t0 = time.perf_counter()
+        out = self.sessions[stage].run(self.outputs[stage], feeds)
+        self.seconds[stage] += time.perf_counter() - t0
+        self.calls[stage] += 1
+        return out
 
     def run(self, stage: str, *args: list[Any], size: int = 1) -> Any:
         """Runs `stage` on a chunk of requests, one after the other: each argument is a list with one value per
@@ -66,16 +82,8 @@ class DeviceWorker:
         size = len(args[0]) if args else size
         if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
             self.trimmed = trim()
-        answers = []
-        for i in range(size):
-            feeds = {}
-            for name, values in zip(self.inputs[stage], args):
-                feeds[name] = values[i]
-                self.bytes_in[f"{stage}/{name}"] += values[i].nbytes
-            t0 = time.perf_counter()
-            answers.append(self.sessions[stage].run(self.outputs[stage], feeds))
-            self.seconds[stage] += time.perf_counter() - t0
-            self.calls[stage] += 1
+        answers = [self._stage(stage, {name: values[i] for name, values in zip(self.inputs[stage], args)})
+                   for i in range(size)]
         per_output = tuple(list(values) for values in zip(*answers)) if answers else tuple(
             [] for _ in self.outputs[stage])
         return per_output[0] if len(per_output) == 1 else per_output
@@ -85,6 +93,49 @@ class DeviceWorker:
         """A lost part's output for each request of a chunk, from the tensors `names` (one list of values each):
         the replicas' pieces, or a live sibling part that gives the shape."""
         return [stand_in.array({n: v[i] for n, v in zip(names, values)}, dims[i]) for i in range(len(dims))]
+
+    @ray.method(concurrency_group="health")
+    def peer_open(self) -> tuple[str, int, bytes]:
+        """This device's peer listener (opened on first call): host, port and the secret peers must present."""
+        if self.peer is None:
+            from ray.util import get_node_ip_address
+
+            self.peer = PeerNode(self.device, get_node_ip_address())
+        return (*self.peer.address, self.peer.secret)
+
+    @ray.method(concurrency_group="health")
+    def peer_connect(self, epoch: int, peers: dict[str, tuple[str, int, bytes]],
+                     programs: dict[str, Program]) -> None:
+        assert self.peer is not None
+        self.peer.connect(epoch, peers)
+        self.peer.programs.update(programs)
+
+    @ray.method(concurrency_group="health")
+    def peer_program(self, key: str, program: Program) -> None:
+        assert self.peer is not None
+        self.peer.programs[key] = program
+
+    @ray.method(concurrency_group="peer")
+    def peer_run(self, epoch: int, seq: int, key: str, xid: int,
+                 requests: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | PeerError:
+        """Each request's outputs this device hands back; a PeerError is returned, not raised: the driver reads
+        only the calls of exchanges it still waits for, and Ray would log every unread error."""
+        assert self.peer is not None
+        if not self.trimmed:
+            self.trimmed = trim()
+        try:
+            return self.peer.run(epoch, seq, key, xid, requests, self._stage)
+        except PeerError as exc:
+            return exc
+
+    @ray.method(concurrency_group="health")
+    def peer_doing(self, xid: int) -> tuple[str, str]:
+        return self.peer.doing(xid) if self.peer is not None else ("", "")
+
+    @ray.method(concurrency_group="health")
+    def peer_abort(self, xid: int) -> None:
+        if self.peer is not None:
+            self.peer.abort(xid)
 
     @ray.method(concurrency_group="health")
     def ping(self) -> str:
@@ -107,6 +158,7 @@ class DeviceWorker:
                 "channel_bytes": DAGContext.get_current().buffer_size_bytes,
                 "uss_start": self.uss_start, "uss_runtime": self.uss_runtime, "uss_loaded": self.uss_loaded,
                 "cpus": sorted(os.sched_getaffinity(0)), "bytes_in": dict(self.bytes_in),
+                "peer_bytes_in": self.peer.bytes_in if self.peer else 0,
                 "seconds": dict(self.seconds), "calls": dict(self.calls)}
 
 
