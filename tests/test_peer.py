@@ -2,8 +2,8 @@
 
 Without Ray: the wire format, nodes in threads computing a plan exactly as the local executor does, the handshake
 that keeps strangers out, and a peer that goes away. On Ray (`dataplane="peer"`): identical outputs to the local
-executor on vertical, horizontal and hybrid plans, one hop per exchange, and failures (a kill mid-exchange, a
-stopped device, a failing stage) handled as on the other data planes.
+executor on vertical, horizontal and hybrid plans, and a stopped device routed around within the deadline (a kill
+mid-exchange and a failing stage: the dataplane-parametrized tests of test_ray.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 from test_failures import HORIZONTAL, HYBRID, split_conv_plan
-from test_ray import _requests, _same, answers_meanwhile, executor, kill, plans, ray_instance, vertical  # noqa: F401
+from test_ray import _requests, _same, executor, plans, ray_instance, vertical  # noqa: F401 - fixtures
 
 from edgesplit.runtime.common import RunResult, session_options
 from edgesplit.runtime.failures import DeviceCaughtUp, DeviceLate, DeviceLost, Router
@@ -100,12 +100,12 @@ def test_nodes_in_threads_compute_the_plan_exactly_as_the_local_executor(layout)
 def test_a_connection_without_the_secret_is_closed_and_delivers_nothing():
     node = PeerNode("dev0", "127.0.0.1")
     with socket.create_connection(node.address) as stranger:
-        stranger.sendall(b"\0" * 32 + b"\x04\x00dev9")
-        send_tensor(stranger, 0, 0, "x", np.ones(3, dtype=np.float32))
         stranger.settimeout(10)
-        try:
+        try:  # the node may close before the tensor is all sent, or with it unread (a reset)
+            stranger.sendall(b"\0" * 32 + b"\x04\x00dev9")
+            send_tensor(stranger, 0, 0, "x", np.ones(3, dtype=np.float32))
             closed = stranger.recv(1) == b""
-        except ConnectionResetError:  # closed with our tensor unread
+        except (ConnectionResetError, BrokenPipeError):
             closed = True
         assert closed
     assert node.bytes_in == 0
@@ -166,21 +166,6 @@ def test_peer_outputs_are_identical_to_the_local_executor(ray_instance, plans, n
 
 
 @pytest.mark.ray
-def test_peer_stream_survives_a_kill_mid_exchange_with_every_answer_in_full(ray_instance):
-    plan, _ = split_conv_plan(HORIZONTAL)
-    requests = _requests(plan, 30)
-    local = LocalExecutor(plan, threads=1)
-    with executor(plan, dataplane="peer", rejoin_interval=None) as ex:
-        session = ex.session(6)
-        answers = answers_meanwhile(session.stream(requests), {5: lambda: kill(ex, "dev1")})
-        report = session.report()
-    assert len(answers) == 30 and all(isinstance(a, RunResult) and not a.degraded for a in answers)
-    for answer, x in zip(answers, requests):
-        _same(answer, local.run(x))
-    assert [(e.device, e.reason) for e in report.events if isinstance(e, DeviceLost)] == [("dev1", "died")]
-
-
-@pytest.mark.ray
 def test_a_stopped_device_on_the_peer_mesh_is_routed_around_within_the_deadline(ray_instance):
     plan, _ = split_conv_plan(HORIZONTAL)
     requests = _requests(plan, 16)
@@ -210,37 +195,6 @@ def test_a_stopped_device_on_the_peer_mesh_is_routed_around_within_the_deadline(
     kinds = [type(e) for e in report.events]
     assert kinds[:1] == [DeviceLate] and DeviceLost not in kinds and report.full == len(requests) + 1
     assert DeviceCaughtUp in kinds
-
-
-@pytest.mark.ray
-def test_a_stage_failing_on_the_peer_mesh_fails_its_request_alone(ray_instance, plans):
-    plan = plans["vertical2"]
-    requests = _requests(plan, 12)
-    requests[5] = {t: np.full_like(v, np.nan) for t, v in requests[5].items()}
-    local = LocalExecutor(plan, threads=1)
-
-    def refuse_nan(worker) -> None:  # nested: Ray ships it by value
-        for session in worker.sessions.values():
-            def run(outputs, feeds, run=session.run):
-                if any(np.isnan(v).any() for v in feeds.values()):
-                    raise RuntimeError("NaN in a feed")
-                return run(outputs, feeds)
-            session.run = run
-
-    import ray
-
-    from edgesplit.errors import StageError
-    with executor(plan, dataplane="peer") as ex:
-        ray.get(ex.actors[plan.stages[0].device].__ray_call__.remote(refuse_nan))
-        session = ex.session(2, chunk=4)
-        answers = list(session.stream(requests))
-        report = session.report()
-        assert not ex.down
-    assert isinstance(answers[5], StageError) and answers[5].request == 5 and "NaN in a feed" in str(answers[5])
-    for i, (answer, x) in enumerate(zip(answers, requests, strict=True)):
-        if i != 5:
-            _same(answer, local.run(x))
-    assert (report.full, report.failed) == (11, 1)
 
 
 def test_bare_processes_compute_the_plan_exactly_and_time_an_exchange():

@@ -204,7 +204,7 @@ def test_a_session_with_larger_chunks_gets_a_compiled_graph_with_larger_channels
         _same(answer, local.run(x))
 
 
-@pytest.mark.parametrize("dataplane", ["tasks", "compiled"])
+@pytest.mark.parametrize("dataplane", ["tasks", "compiled", "peer"])
 def test_a_stage_failing_on_one_request_of_a_chunk_fails_that_request_alone(ray_instance, plans, dataplane):
     plan = plans["vertical2"]
     requests = _requests(plan, 12)
@@ -266,11 +266,12 @@ def test_simulated_devices_get_their_own_cores(ray_instance, vertical):
         assert all(st["cpus"] == free for st in ex.stats().values())
 
 
-def test_dead_part_with_replica_mid_stream_answers_everything_in_full(ray_instance, plans):
+@pytest.mark.parametrize("dataplane", ["tasks", "peer"])  # peer: killed mid-exchange, re-routed on actor calls
+def test_dead_part_with_replica_mid_stream_answers_everything_in_full(ray_instance, plans, dataplane):
     plan = plans["horizontal"]
     requests = _requests(plan, 30)
     local = LocalExecutor(plan, threads=1)
-    with executor(plan, dataplane="tasks", rejoin_interval=None) as ex:
+    with executor(plan, dataplane=dataplane, rejoin_interval=None) as ex:
         session = ex.session(6)
         answers = answers_meanwhile(session.stream(requests), {5: lambda: kill(ex, "dev1")})
         report = session.report()
