@@ -55,13 +55,15 @@ class BareMesh:
         self.outputs = router.outputs
         self.programs: dict[str, Program] = programs(route.stages, router.inputs, router.outputs)
         ctx = mp.get_context("spawn")
-        self._pipes, self._procs = {}, []
+        self._pipes: dict[str, Any] = {}
+        self._procs: list[Any] = []
         for d in self.programs:
             stages = [(s.name, s.outputs, s.model) for s in route.stages if s.device == d]
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_device, args=(child, d, stages, threads, (cpus or {}).get(d, ())), daemon=True)
             proc.start()
-            self._pipes[d], self._procs = parent, [*self._procs, proc]
+            self._pipes[d] = parent
+            self._procs.append(proc)
         peers = {d: pipe.recv() for d, pipe in self._pipes.items()}
         for d, pipe in self._pipes.items():
             pipe.send((peers, {"all": self.programs[d]}))

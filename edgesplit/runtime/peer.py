@@ -17,6 +17,7 @@ import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class Program:
     returns: tuple[str, ...]
 
 
-class StageLike:
+class StageLike(Protocol):
     name: str
     device: str
     inputs: tuple[str, ...]

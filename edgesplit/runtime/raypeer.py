@@ -3,7 +3,6 @@ programs, and one call per device per chunk of requests."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ class PeerFailed(RayError):
 
 @dataclass(eq=False)
 class PeerCall:
-    """A chunk sent through the mesh: one call per device, `returns` naming the devices that hand back outputs."""
+    """A chunk sent through the mesh: one call per device."""
 
     xid: int
     refs: dict[str, Any]  # device -> ObjectRef of its peer_run
-    returns: tuple[str, ...]
 
 
 class PeerMesh:
@@ -39,7 +37,8 @@ class PeerMesh:
         self.epoch = 0
         self.devices: frozenset[str] = frozenset()  # those the current epoch connected; empty: to build
         self._seq: dict[str, itertools.count] = {}
-        self._programs: dict[str, dict[str, Program]] = {}  # route key -> device -> program
+        self._keys: dict[tuple[tuple[str, str], ...], str] = {}  # a route's (stage, device)s -> its programs' key
+        self._programs: dict[str, dict[str, Program]] = {}  # key -> device -> program
         self._installed: set[tuple[str, str]] = set()  # (route key, device)
         self._xids = itertools.count()
 
@@ -49,7 +48,7 @@ class PeerMesh:
     def build(self, actors: Mapping[str, Any]) -> None:
         self.epoch += 1
         addresses = dict(zip(actors, ray.get([a.peer_open.remote() for a in actors.values()], timeout=self.timeout)))
-        ray.get([a.peer_connect.remote(self.epoch, addresses, {}) for a in actors.values()], timeout=self.timeout)
+        ray.get([a.peer_connect.remote(self.epoch, addresses) for a in actors.values()], timeout=self.timeout)
         self.devices = frozenset(actors)
         self._seq = {d: itertools.count() for d in actors}
         self._installed.clear()
@@ -57,7 +56,7 @@ class PeerMesh:
     def dispatch(self, actors: Mapping[str, Any], route: Route, chunk: Sequence[Mapping[str, np.ndarray]]) -> PeerCall:
         if not self.devices or not route.devices <= self.devices:
             self.build(actors)
-        key = hashlib.sha256("\n".join(f"{s.name}@{s.device}" for s in route.stages).encode()).hexdigest()[:16]
+        key = self._keys.setdefault(tuple((s.name, s.device) for s in route.stages), f"route{len(self._keys)}")
         progs = self._programs.get(key)
         if progs is None:
             progs = self._programs[key] = programs(route.stages, self.inputs, self.outputs)
@@ -69,7 +68,7 @@ class PeerMesh:
         for d, prog in progs.items():
             feeds = [{t: request[t] for t in prog.feeds} for request in chunk]
             refs[d] = actors[d].peer_run.remote(self.epoch, next(self._seq[d]), key, xid, feeds)
-        return PeerCall(xid, refs, tuple(d for d, p in progs.items() if p.returns))
+        return PeerCall(xid, refs)
 
     def ready(self, call: PeerCall, timeout: float) -> bool:
         refs = list(call.refs.values())

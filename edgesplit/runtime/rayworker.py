@@ -21,12 +21,13 @@ from edgesplit.runtime.lean import lean_session, start_onnxruntime, trim
 from edgesplit.runtime.peer import PeerError, PeerNode, Program
 from edgesplit.signing import Seal, check_stages, find_key
 
-# Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
-# still blocked on a tensor from a silent device; the driver restores the order of the answers.
-# one thread per peer call in flight: a call waiting for its turn must never keep the call whose turn it is out
+# a thread per peer call in flight (more than raysession.MAX_IN_FLIGHT): a call waiting for its turn must never keep
+# the call whose turn it is from starting
 PEER_CALLS = 40
 
 
+# Out of order: a stage call runs once its inputs are ready, so a re-routed request never waits behind a call
+# still blocked on a tensor from a silent device; the driver restores the order of the answers.
 @ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"health": 1, "peer": PEER_CALLS},
             allow_out_of_order_execution=True)
 class DeviceWorker:
@@ -67,6 +68,8 @@ class DeviceWorker:
         self.peer: PeerNode | None = None
 
     def _stage(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
+            self.trimmed = trim()
         for name, value in feeds.items():
             self.bytes_in[f"{stage}/{name}"] += value.nbytes
         t0 = time.perf_counter()
@@ -80,8 +83,6 @@ class DeviceWorker:
         request, and so is each output (a tuple of them when the stage has several). `size` counts the requests of
         a stage without inputs."""
         size = len(args[0]) if args else size
-        if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
-            self.trimmed = trim()
         answers = [self._stage(stage, {name: values[i] for name, values in zip(self.inputs[stage], args)})
                    for i in range(size)]
         per_output = tuple(list(values) for values in zip(*answers)) if answers else tuple(
@@ -104,11 +105,9 @@ class DeviceWorker:
         return (*self.peer.address, self.peer.secret)
 
     @ray.method(concurrency_group="health")
-    def peer_connect(self, epoch: int, peers: dict[str, tuple[str, int, bytes]],
-                     programs: dict[str, Program]) -> None:
+    def peer_connect(self, epoch: int, peers: dict[str, tuple[str, int, bytes]]) -> None:
         assert self.peer is not None
         self.peer.connect(epoch, peers)
-        self.peer.programs.update(programs)
 
     @ray.method(concurrency_group="health")
     def peer_program(self, key: str, program: Program) -> None:
@@ -121,8 +120,6 @@ class DeviceWorker:
         """Each request's outputs this device hands back; a PeerError is returned, not raised: the driver reads
         only the calls of exchanges it still waits for, and Ray would log every unread error."""
         assert self.peer is not None
-        if not self.trimmed:
-            self.trimmed = trim()
         try:
             return self.peer.run(epoch, seq, key, xid, requests, self._stage)
         except PeerError as exc:
