@@ -442,16 +442,21 @@ def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
 def _stage_groups(graph: Graph, placement: Mapping[str, str]) -> list[tuple[str, list[str]]]:
     """Group layers into stages: same device, connected, and the stage graph acyclic.
 
-    rank(n) counts device changes along the longest path into n; edges only go to equal-or-higher rank, and
-    between devices to strictly higher rank, so grouping by (device, rank) is acyclic. Then same-device
-    neighbours are merged while the stage graph stays acyclic.
+    rank(n) counts device changes along the longest path into n, and tensors sent to another device: a stage ends
+    where it sends, so the receiver starts while the sender goes on (a region's parts run at once). Edges only go
+    to equal-or-higher rank, and between devices to strictly higher rank, so grouping by (device, rank) is
+    acyclic. Then same-device neighbours are merged while the stage graph stays acyclic and no send is delayed
+    for a receiver that does not wait for the merged work anyway.
     """
     producer = graph.producers()
+    sent = {t for layer in graph.layers for t in layer.inputs
+            if t in producer and placement[producer[t]] != placement[layer.name]}
     rank: dict[str, int] = {}
     for layer in graph.layers:
         dev = placement[layer.name]
         rank[layer.name] = max(
-            (rank[producer[t]] + (placement[producer[t]] != dev) for t in layer.inputs if t in producer), default=0
+            (rank[producer[t]] + (placement[producer[t]] != dev or t in sent) for t in layer.inputs if t in producer),
+            default=0,
         )
     # connected components within each (device, rank)
     parent = {layer.name: layer.name for layer in graph.layers}
@@ -511,12 +516,19 @@ def _merge_same_device(roots: list[str], edges: Mapping[str, set[str]], device: 
                     stack.append(y)
         return False
 
+    def serialises(a: str, b: str) -> bool:
+        """Would one stage of a and b hold up a's output to another device whose stage does not need b, or hold
+        a back until b's input from another device arrives, which a does not need?"""
+        late_send = any(device[c] != device[a] and not reaches(b, c, skip_direct=False) for c in succ[a])
+        return late_send or any(device[p] != device[b] and b in succ[p] and not reaches(p, a, skip_direct=False)
+                                for p in succ)
+
     changed = True
     while changed:
         changed = False
         for a in list(succ):
             for b in list(succ.get(a, ())):
-                if a == b or device[a] != device[b] or reaches(a, b, skip_direct=True):
+                if a == b or device[a] != device[b] or reaches(a, b, skip_direct=True) or serialises(a, b):
                     continue
                 # merge b into a
                 rep[b] = a
