@@ -17,7 +17,7 @@ try:  # a Ctrl-C while these load (seconds on a small board) ends with one line,
 
     from edgesplit.errors import EdgesplitError, EdgesplitWarning
     from edgesplit.files import save_npz
-    from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy
+    from edgesplit.layout import Backend, Dataplane, KvCache, SplitFamily, Strategy, Sync
     from edgesplit.runtime.streamio import check_answers_path, read_npz
 except KeyboardInterrupt:
     sys.stderr.write("edgesplit: interrupted (Ctrl-C) while starting; nothing was done\n")
@@ -193,13 +193,17 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...], key_file: Path |
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
+@click.option("--sync", type=click.Choice(Sync.names()), default="gather", show_default=True,
+              help="Split regions: gather sends the parts to one device that combines them and sends the result on; "
+                   "exchange sends each part to every device that reads the result, and each combines it itself "
+                   "(one hop per synchronisation instead of two).")
 @click.option("--force", is_flag=True, help="Replace the plan already in --output (other files there are kept).")
 @click.option("--standby", "standby", multiple=True, metavar="auto|STAGE=DEVICE|DEVICE=DEVICE",
               help="Standby copies of stages on other devices, run while a stage's device is down or late: auto "
                    "(every stage, on the device with the most memory to spare), or by hand. Repeatable.")
 @_KEY_FILE
 def partition(model: Path, devices: int | None, cluster: Path | None, mapping: Path | None, horizontal: Path | None,
-              output: Path, dims: tuple[str, ...], strategy: str, split: str, kv_cache: str, force: bool,
+              output: Path, dims: tuple[str, ...], strategy: str, split: str, sync: str, kv_cache: str, force: bool,
               standby: tuple[str, ...], key_file: Path | None) -> None:
     """Split MODEL over devices and write a plan directory."""
     from edgesplit import report
@@ -223,7 +227,7 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
         the_mapping = merge_hybrid(the_mapping, load_mapping(horizontal), graph)
     the_cluster = the_cluster or _cluster_from(the_mapping)
     plan = do_partition(graph, the_cluster, the_mapping, strategy=strategy, split=split, dims=_dims(dims),
-                        kv_cache=kv_cache, standby=standby)
+                        kv_cache=kv_cache, standby=standby, sync=sync)
     check_loadable(plan)
     key = key or signing_key()
     plan.save(output, force=force, key=key)

@@ -109,6 +109,13 @@ class LmHead(Choice):
     ARGMAX = "argmax"
 
 
+class Sync(Choice):
+    """How a split region's devices get its combined result."""
+
+    GATHER = "gather"  # the combine device merges the parts and sends the result on (two hops)
+    EXCHANGE = "exchange"  # every device that reads the result gets the parts it lacks and combines itself
+
+
 class Dataplane(Choice):
     AUTO = "auto"
     COMPILED = "compiled"

@@ -17,13 +17,14 @@ from edgesplit import standby
 from edgesplit.cluster import Cluster
 from edgesplit.errors import MappingError, PlacementError
 from edgesplit.graph import Graph
-from edgesplit.layout import KvCache, Layout, SplitFamily, Strategy
+from edgesplit.layout import KvCache, Layout, SplitFamily, Strategy, Sync
 from edgesplit.place import balance, check_memory, from_mapping
 from edgesplit.place.heads import split_heads
 from edgesplit.place.horizontal import horizontal
 from edgesplit.place.mapping import is_horizontal
 from edgesplit.plan import Plan, cut
 from edgesplit.rewrite.base import SplitError
+from edgesplit.rewrite.exchange import exchange
 from edgesplit.rewrite.replicas import ReplicaRequest, add_replicas
 from edgesplit.rewrite.transformer import TransformerSplitWarning
 
@@ -31,18 +32,21 @@ from edgesplit.rewrite.transformer import TransformerSplitWarning
 def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: Strategy | str = Strategy.VERTICAL,
               split: SplitFamily | str = SplitFamily.AUTO, dims: Mapping[str, int] | None = None,
               kv_cache: KvCache | str = KvCache.GATHER, replicas: Sequence[ReplicaRequest] = (),
-              standby: Sequence[str] = ()) -> Plan:
+              standby: Sequence[str] = (), sync: Sync | str = Sync.GATHER) -> Plan:
     """Place every layer (from `mapping` if given, else by `strategy`), add `replicas`, and cut it into a Plan
     (with the standby stages `standby` asks for: 'auto', 'STAGE=DEVICE', 'DEVICE=DEVICE'; see edgesplit.standby).
 
     `vertical` balances contiguous layer ranges; `horizontal` / `hybrid` (or a mapping with horizontal regions)
     split layers into parts first, `split` choosing channels, spatial or auto; `heads` splits Transformers by
     attention heads, MLP neurons and vocabulary, `kv_cache="shard"` giving each device the KV cache of its heads.
+    `sync="exchange"` has every device of a region combine its parts itself (edgesplit.rewrite.exchange).
     """
     rewritten, placement = layout(graph, cluster, mapping, strategy=strategy, split=split, dims=dims,
                                   kv_cache=kv_cache)
     if replicas:
         rewritten, placement = with_replicas(rewritten, placement, replicas)
+    if _parse(Sync, sync, "--sync") is Sync.EXCHANGE:
+        rewritten, placement = exchange(rewritten, placement)
     return with_standbys(plan(rewritten, cluster, placement), rewritten, standby)
 
 
