@@ -458,6 +458,18 @@ def _stage_groups(graph: Graph, placement: Mapping[str, str]) -> list[tuple[str,
             (rank[producer[t]] + (placement[producer[t]] != dev or t in sent) for t in layer.inputs if t in producer),
             default=0,
         )
+    # a layer fed by the model inputs alone (a constant, a relay of a past_* KV input) joins its readers' stage:
+    # as early as possible it would hold the reader's device back, and split a KV cache's Concat from its relay
+    readers: dict[str, list[str]] = defaultdict(list)
+    for layer in graph.layers:
+        for t in layer.inputs:
+            if t in producer:
+                readers[producer[t]].append(layer.name)
+    for layer in graph.layers:
+        if readers[layer.name] and not any(t in producer for t in layer.inputs):
+            dev = placement[layer.name]
+            rank[layer.name] = max(0, min(rank[r] - (placement[r] != dev or any(t in sent for t in layer.outputs))
+                                          for r in readers[layer.name]))
     # connected components within each (device, rank)
     parent = {layer.name: layer.name for layer in graph.layers}
 
