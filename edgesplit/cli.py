@@ -338,16 +338,20 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 @click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
+@click.option("--dataplane", type=click.Choice(["auto", "peer", "tasks"]), default="auto", show_default=True,
+              help="ray: peer (one call per device per token, devices exchange directly; what auto picks) or tasks "
+                   "(one actor call per stage).")
 @_signed_plans
 def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path | None, backend: str,
-             address: str | None, threads: int | None, key_file: Path | None, trust_unsigned: bool) -> None:
+             address: str | None, threads: int | None, dataplane: str, key_file: Path | None,
+             trust_unsigned: bool) -> None:
     """Greedy text generation with a decoder plan; each stage keeps its own KV cache."""
     from edgesplit.runtime.generate import find_tokenizer, generate as do_generate, load_tokenizer
 
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
     tok = load_tokenizer(find_tokenizer(plan_dir, plan, tokenizer))
     gen = do_generate(plan, tok, prompt, max_new_tokens, threads=threads, backend=backend, address=address,
-                      trust_unsigned=trust_unsigned)
+                      trust_unsigned=trust_unsigned, dataplane=dataplane)
     console.print(prompt, end="", markup=False, highlight=False)
     for token in gen:
         console.print(token.text, end="", markup=False, highlight=False)

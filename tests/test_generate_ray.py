@@ -29,21 +29,50 @@ def ray_devices():
         ray.shutdown()
 
 
+@pytest.mark.parametrize("dataplane", ["tasks", "peer"])
 @pytest.mark.parametrize("devices", [2, 3])
-def test_ray_generation_matches_local_and_keeps_caches_on_devices(ray_devices, word_tokenizer, devices):
+def test_ray_generation_matches_local_and_keeps_caches_on_devices(ray_devices, word_tokenizer, devices, dataplane):
     export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
     plan = tz.vertical_plan(export.path, devices)
     tok = load_tokenizer(word_tokenizer)
     prompt = "w1 w200 w33 w4"
     local = generate(plan, tok, prompt, 16, stop_at_eos=False)
     expected = local.ids()
-    remote = generate(plan, tok, prompt, 16, stop_at_eos=False, backend="ray")
+    remote = generate(plan, tok, prompt, 16, stop_at_eos=False, backend="ray", dataplane=dataplane)
     assert remote.ids() == expected
     assert remote.stats.kv_cache and remote.stats.new_tokens == 16
+    assert remote.stats.crossed and not any(t.startswith(("past_", "present_")) for t in remote.stats.crossed)
+    if dataplane == "tasks":  # a stage call per reading stage
+        assert remote.stats.wire_bytes_decode == local.stats.wire_bytes_decode > 0
+    else:  # what the devices received: each tensor once per device that reads it
+        assert 0 < remote.stats.wire_bytes_decode <= local.stats.wire_bytes_decode
+    again = generate(plan, tok, "w7 w8", 5, stop_at_eos=False, backend="ray", dataplane=dataplane)
+    assert again.ids() == generate(plan, tok, "w7 w8", 5, stop_at_eos=False).ids()  # caches reset between prompts
+
+
+@pytest.mark.parametrize("dataplane", ["tasks", "peer"])
+def test_ray_head_split_generation_matches_local(ray_devices, word_tokenizer, dataplane):
+    """A head split with sharded caches: each token's parts run on both devices; tokens as the local executor's."""
+    import edgesplit
+
+    export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
+    dims = {"batch": 1, "sequence": 6, "past_sequence": 4, "total_sequence": 10}
+    plan = edgesplit.partition(edgesplit.load(export.path, dims=dims), edgesplit.Cluster.simulated(2),
+                               strategy="heads", kv_cache="shard", dims=dims)
+    tok = load_tokenizer(word_tokenizer)
+    local = generate(plan, tok, "w5 w6 w7", 12, stop_at_eos=False)
+    remote = generate(plan, tok, "w5 w6 w7", 12, stop_at_eos=False, backend="ray", dataplane=dataplane)
+    assert remote.ids() == local.ids()
     assert not any(t.startswith(("past_", "present_")) for t in remote.stats.crossed)
-    assert remote.stats.wire_bytes_decode == local.stats.wire_bytes_decode > 0
-    again = generate(plan, tok, "w7 w8", 5, stop_at_eos=False, backend="ray")  # caches reset between prompts
-    assert again.ids() == generate(plan, tok, "w7 w8", 5, stop_at_eos=False).ids()
+
+
+def test_generation_refuses_compiled_graphs(word_tokenizer):
+    from edgesplit.errors import InputError
+
+    export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
+    with pytest.raises(InputError, match="peer or tasks data plane"):
+        generate(tz.vertical_plan(export.path, 2), load_tokenizer(word_tokenizer), "w1", 2, backend="ray",
+                 dataplane="compiled")
 
 
 def test_ray_backend_needs_a_plan(word_tokenizer):

@@ -24,17 +24,20 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from edgesplit.errors import EdgesplitError, InputError, PlanError
-from edgesplit.layout import Backend
+from edgesplit.layout import Backend, Dataplane
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import session_options
 from edgesplit.runtime.kvstage import PAST, PRESENT, KVStage
+
+if TYPE_CHECKING:
+    from edgesplit.runtime.raykv import PeerDecoder  # Ray is an optional dependency
 
 FEEDS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 TOKENIZER_FILE = "tokenizer.json"
@@ -257,12 +260,17 @@ class Decoder:
     """A Plan (or a whole model) ready to generate: one session per stage, built once, reused across prompts."""
 
     def __init__(self, model: Model, threads: int | None = None, backend: Backend | str = Backend.LOCAL,
-                 address: str | None = None, trust_unsigned: bool = False) -> None:
+                 address: str | None = None, trust_unsigned: bool = False,
+                 dataplane: Dataplane | str = Dataplane.AUTO) -> None:
         try:
             backend = Backend.parse(backend, "backend")
+            dataplane = Dataplane.parse(dataplane, "dataplane")
         except ValueError as exc:
             raise InputError(str(exc)) from None
+        if dataplane is Dataplane.COMPILED:
+            raise InputError("generation runs on the peer or tasks data plane (or auto: peer), not compiled graphs")
         states, self.inputs, outputs = _states(model, threads)
+        self.runner: _Runner | PeerDecoder | None = None  # None: the stages one after another
         _check_decoder(self.inputs, outputs, states, model.stage_models if isinstance(model, Plan) else {})
         if backend is Backend.RAY:
             if not isinstance(model, Plan):
@@ -274,6 +282,10 @@ class Decoder:
             from edgesplit.runtime.raykv import remote_stages  # Ray is an optional dependency
 
             states = remote_stages(model, address, threads, trust_unsigned=trust_unsigned)
+            if dataplane is not Dataplane.TASKS:  # auto: peer, faster on every plan measured (docs/benchmarks.md)
+                from edgesplit.runtime.raykv import PeerDecoder
+
+                self.runner = PeerDecoder(states, self.inputs)
         self.states = states
         self.kv_cache = any(n.startswith(PAST) for n in self.inputs)
 
@@ -291,7 +303,7 @@ class Decoder:
             state.reset()
         eos = eos_token_id if eos_token_id is not None else tok.eos_token_id
         generation = Generation(iter(()))
-        generation._tokens = _loop(generation, _Runner(self.states), self.inputs, tok, prompt_ids, max_new_tokens,
+        generation._tokens = _loop(generation, self.runner or _Runner(self.states), self.inputs, tok, prompt_ids, max_new_tokens,
                                    eos if stop_at_eos else None)
         return generation
 
@@ -299,7 +311,7 @@ class Decoder:
 def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt: str | Sequence[int],
              max_new_tokens: int, *, threads: int | None = None, stop_at_eos: bool = True,
              eos_token_id: int | None = None, backend: str = "local", address: str | None = None,
-             trust_unsigned: bool = False) -> Generation:
+             trust_unsigned: bool = False, dataplane: str = "auto") -> Generation:
     """Greedy decoding of up to `max_new_tokens` after `prompt` (text, or token ids) on a Plan or a whole model.
 
     The returned iterator yields each token as soon as it is produced; `.stats` has timings after the last one.
@@ -308,11 +320,11 @@ def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt:
     """
     if tokenizer is None:
         raise TokenizerError(NO_TOKENIZER)
-    return Decoder(model, threads, backend, address, trust_unsigned).generate(tokenizer, prompt, max_new_tokens,
+    return Decoder(model, threads, backend, address, trust_unsigned, dataplane).generate(tokenizer, prompt, max_new_tokens,
                                                               stop_at_eos=stop_at_eos, eos_token_id=eos_token_id)
 
 
-def _loop(generation: Generation, runner: _Runner, inputs: Sequence[str], tok: TextTokenizer, prompt_ids: list[int],
+def _loop(generation: Generation, runner: _Runner | PeerDecoder, inputs: Sequence[str], tok: TextTokenizer, prompt_ids: list[int],
           max_new_tokens: int, eos: int | None) -> Iterator[Token]:
     kv = any(n.startswith(PAST) for n in inputs)
     feed_names = [n for n in inputs if not n.startswith(PAST)]
