@@ -7,6 +7,8 @@ whole model measured in alternation with it in the same run:
   peer data plane's own code (edgesplit.bench.bare);
 - the Ray executor, 2 simulated devices of 1 core each, on each data plane: peer (devices exchange directly, one
   call per device per request), compiled (Ray Compiled Graphs), tasks (actor calls relayed by the driver).
+Each split plan twice: `sync="gather"` (a root device combines each region and sends the result on) and
+`sync="exchange"` (every device combines the parts itself; bound and peer plane only).
 Also: one synchronisation (2 KB and 300 KB each way between two bare processes on the peer wire), and pipelined
 throughput of a 2-device vertical plan on each data plane (it must not fall).
 
@@ -39,6 +41,7 @@ from edgesplit.runtime.common import random_inputs, session_options
 from edgesplit.runtime.local import LocalExecutor
 
 PLANES = ("peer", "compiled", "tasks")
+SYNCS = {"gather": PLANES, "exchange": ("peer",)}  # exchange plans on the plane that reaches its bound
 
 
 def vit_b16(path: Path) -> Path:
@@ -98,11 +101,18 @@ def check_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray], what: st
 
 
 def one_case(name: str, path: Path, strategy: str, options: dict, dims: dict[str, int], repeats: int) -> list[dict]:
-    from edgesplit.runtime.ray import RayExecutor
-
     graph = edgesplit.load(path)
     cluster = Cluster.simulated(2, cores=1)
-    plan = edgesplit.partition(graph, cluster, strategy=strategy, dims=dims or None, **options)
+    rows = []
+    for sync, planes in SYNCS.items():
+        plan = edgesplit.partition(graph, cluster, strategy=strategy, dims=dims or None, sync=sync, **options)
+        rows += one_plan(f"{name}, {sync}", plan, path, dims, planes, repeats)
+    return rows
+
+
+def one_plan(name: str, plan, path: Path, dims: dict[str, int], planes: tuple[str, ...], repeats: int) -> list[dict]:
+    from edgesplit.runtime.ray import RayExecutor
+
     x = inputs_for(plan, dims)
     reference = LocalExecutor(plan, threads=1).run(x).outputs
     whole = whole_session(path)
@@ -116,7 +126,7 @@ def one_case(name: str, path: Path, strategy: str, options: dict, dims: dict[str
         t = interleaved_medians({"whole": run_whole, "split": lambda: mesh.run(x)}, repeats)
     rows.append({"plan": name, "stages": len(plan.stages), "runs": "bare processes (bound)",
                  "whole_ms": t["whole"] * 1e3, "split_ms": t["split"] * 1e3, "speedup": t["whole"] / t["split"]})
-    for plane in PLANES:
+    for plane in planes:
         with RayExecutor(plan, dataplane=plane) as ex:
             session = ex.session(1)
             check_same(session.run(x).outputs, reference, f"{name}, ray {plane}")

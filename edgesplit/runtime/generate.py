@@ -303,7 +303,8 @@ class Decoder:
             state.reset()
         eos = eos_token_id if eos_token_id is not None else tok.eos_token_id
         generation = Generation(iter(()))
-        generation._tokens = _loop(generation, self.runner or _Runner(self.states), self.inputs, tok, prompt_ids, max_new_tokens,
+        runner = self.runner or _Runner(self.states)
+        generation._tokens = _loop(generation, runner, self.inputs, tok, prompt_ids, max_new_tokens,
                                    eos if stop_at_eos else None)
         return generation
 
@@ -320,12 +321,12 @@ def generate(model: Model, tokenizer: TextTokenizer | str | Path | None, prompt:
     """
     if tokenizer is None:
         raise TokenizerError(NO_TOKENIZER)
-    return Decoder(model, threads, backend, address, trust_unsigned, dataplane).generate(tokenizer, prompt, max_new_tokens,
-                                                              stop_at_eos=stop_at_eos, eos_token_id=eos_token_id)
+    decoder = Decoder(model, threads, backend, address, trust_unsigned, dataplane)
+    return decoder.generate(tokenizer, prompt, max_new_tokens, stop_at_eos=stop_at_eos, eos_token_id=eos_token_id)
 
 
-def _loop(generation: Generation, runner: _Runner | PeerDecoder, inputs: Sequence[str], tok: TextTokenizer, prompt_ids: list[int],
-          max_new_tokens: int, eos: int | None) -> Iterator[Token]:
+def _loop(generation: Generation, runner: _Runner | PeerDecoder, inputs: Sequence[str], tok: TextTokenizer,
+          prompt_ids: list[int], max_new_tokens: int, eos: int | None) -> Iterator[Token]:
     kv = any(n.startswith(PAST) for n in inputs)
     feed_names = [n for n in inputs if not n.startswith(PAST)]
     tokens = list(prompt_ids)
