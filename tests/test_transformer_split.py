@@ -25,7 +25,7 @@ from edgesplit.compare import compare  # noqa: E402
 from edgesplit.layout import Part, SplitKind  # noqa: E402
 from edgesplit.planner import partition  # noqa: E402
 from edgesplit.place.heads import place, split_heads  # noqa: E402
-from edgesplit.plan import SINK, SOURCE, Plan, cut  # noqa: E402
+from edgesplit.plan import Plan, cut  # noqa: E402
 from edgesplit.probe import sample_inputs  # noqa: E402
 from edgesplit.rewrite.transformer import HeadsDecision, Slot, TransformerSplitWarning, rewrite  # noqa: E402
 from edgesplit.runtime.local import LocalExecutor, run_whole_model  # noqa: E402
