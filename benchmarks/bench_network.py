@@ -1,12 +1,14 @@
 """Plans on the emulated edge network (scripts/edge-lab): single-request latency and bytes on the wire.
 
-sudo python benchmarks/bench_network.py [--repeats 15] [--size 224] [--network 100mbit/2ms --network 10gbit/0ms]
+sudo python benchmarks/bench_network.py [--repeats 15] [--size 224] [--network 1gbit/0.3ms --network 100mbit/2ms]
 
 For each network: `edge-lab up 3` (a head + edge0..edge2, each a Ray node in its own namespace, links shaped with
 tbf + a one-way delay), then a requester inside the head's namespace times one onnxruntime session on the whole
-ResNet-18 (1 thread) and the 2- and 3-device vertical plans on edgesplit.runtime.ray.RayExecutor (1 core per
-device), one request at a time, and reads every device's link counters (`ip -s link`) to count the bytes actually
-sent per inference, against what plan.json predicts. Writes benchmarks/results/network.json and network.md.
+ResNet-18 (1 thread) and 2- and 3-device plans on edgesplit.runtime.ray.RayExecutor (1 core per device): vertical
+(actor calls and peer data plane) and horizontal channel splits (peer, gather and exchange synchronisation), one
+request at a time, against a prediction from each stage's compute time, the bytes between devices and the links'
+delay and bandwidth; and reads every device's link counters (`ip -s link`) to count the bytes actually sent per
+inference, against what plan.json says. Writes benchmarks/results/network.json and network.md.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "scripts" / "edge-lab"
+HOP_S = 128e-6  # one exchange on the peer wire between two processes on loopback (bench_speed.py, 2 KB)
 
 
 def lab(*args: str) -> str:
@@ -34,33 +37,89 @@ def lab(*args: str) -> str:
     return done.stdout
 
 
+# (label, partition options, data plane): each cut for 2 and 3 devices
+PLANS = (("vertical", {}, "tasks"), ("vertical", {}, "peer"),
+         ("channels, gather", {"strategy": "horizontal", "split": "channels", "sync": "gather"}, "peer"),
+         ("channels, exchange", {"strategy": "horizontal", "split": "channels", "sync": "exchange"}, "peer"))
+
+
+def plan_key(label: str, plane: str, n: int) -> str:
+    return f"{label.replace(', ', '-')}-{plane}-{n}"
+
+
 def prepare(work: Path, size: int) -> dict:
-    """ResNet-18 at size x size, cut into 2- and 3-device vertical plans for edge0.. (1 core each)."""
+    """ResNet-18 at size x size, cut by every entry of PLANS for edge0.. (1 core each); each stage's compute time
+    measured here, one thread, for the prediction."""
     from edgesplit.bench import zoo
     from edgesplit.cluster import Cluster
     from edgesplit.graph import load
-    from edgesplit.planner import partition
     from edgesplit.plan import SINK, SOURCE
+    from edgesplit.planner import partition
 
     model = zoo.export(zoo.resnet18(), (1, 3, size, size), work / "model.onnx", dynamic_batch=False)
     graph = load(model)
     plans = {}
-    for n in (2, 3):
-        plan = partition(graph, Cluster.simulated(n, cores=1, prefix="edge"))
-        plan.save(work / f"plan{n}")
-        requester = sum(t.nbytes for t in plan.transfers if t.cross_device and (SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst)))
-        plans[n] = {"stages": [[s.name, s.device, len(s.layers)] for s in plan.stages],
-                    "wire_bytes": plan.wire_bytes(), "requester_bytes": requester}
+    for label, options, plane in PLANS:
+        for n in (2, 3):
+            plan = partition(graph, Cluster.simulated(n, cores=1, prefix="edge"), **options)
+            key = plan_key(label, plane, n)
+            plan.save(work / key)
+            requester = sum(t.nbytes for t in plan.transfers
+                            if t.cross_device and (SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst)))
+            plans[key] = {"label": label, "plane": plane, "devices": n, "wire_bytes": plan.wire_bytes(),
+                          "requester_bytes": requester,
+                          "stages": [[s.name, s.device, len(s.layers)] for s in plan.stages],
+                          "stage_s": stage_seconds(plan), "order": [s.name for s in plan.order()],
+                          "transfers": [[t.tensor, t.src, t.dst, t.nbytes] for t in plan.transfers if t.cross_device]}
     return {"params": graph.total_params, "macs": graph.total_macs, "plans": plans}
+
+
+def stage_seconds(plan, repeats: int = 9) -> dict[str, float]:
+    """Median seconds of each stage on one onnxruntime thread, fed the values a request gives it."""
+    import onnxruntime as ort
+
+    from edgesplit.bench.harness import timings
+    from edgesplit.runtime.common import random_inputs, session_options
+
+    values = random_inputs(plan.inputs, {}, seed=0)
+    seconds = {}
+    for stage in plan.order():
+        sess = ort.InferenceSession(plan.stage_models[stage.name], session_options(1),
+                                    providers=["CPUExecutionProvider"])
+        feeds = {t: values[t] for t in stage.inputs}
+        seconds[stage.name] = statistics.median(timings(lambda: sess.run(None, feeds), repeats, warmup=2))
+        values.update(zip(stage.outputs, sess.run(list(stage.outputs), feeds)))
+    return seconds
+
+
+def predict(plan: dict, bandwidth_bps: float, delay_s: float, hop_s: float = HOP_S) -> float:
+    """Latency of one request on the peer data plane: every device runs its stages in the plan's order, each as
+    soon as its inputs are there; a tensor between two devices (or to and from the requester) arrives `delay_s`
+    + bytes / bandwidth + `hop_s` after it was made. No Ray cost per call is counted."""
+    from edgesplit.plan import SINK, SOURCE
+
+    device = {name: dev for name, dev, _ in plan["stages"]}
+    into: dict[str, list[tuple[str, int]]] = {}
+    for _, src, dst, nbytes in plan["transfers"]:
+        into.setdefault(dst, []).append((src, nbytes))
+    link = lambda nbytes: delay_s + nbytes * 8 / bandwidth_bps + hop_s  # noqa: E731
+    done: dict[str, float] = {SOURCE: 0.0}
+    free: dict[str, float] = {}
+    for name in plan["order"]:
+        ready = max((done[src] + link(nbytes) for src, nbytes in into.get(name, ())), default=0.0)
+        # inputs from the same device's stages are not transfers across devices: they wait only for the producer
+        start = max(ready, free.get(device[name], 0.0))
+        done[name] = free[device[name]] = start + plan["stage_s"][name]
+    return max((done[src] + link(nbytes) for src, nbytes in into.get(SINK, ())), default=max(done.values()))
 
 
 def drive(work: Path, repeats: int, out: Path) -> None:
     """Runs inside the head's namespace (the requester)."""
     import onnxruntime as ort
 
+    from edgesplit.bench.harness import timings
     from edgesplit.plan import Plan
     from edgesplit.runtime.common import session_options
-    from edgesplit.bench.harness import timings
     from edgesplit.runtime.ray import RayExecutor
 
     rng = np.random.default_rng(0)
@@ -70,9 +129,9 @@ def drive(work: Path, repeats: int, out: Path) -> None:
     ref = sess.run(None, x)[0]
     whole = timings(lambda: sess.run(None, x), repeats, warmup=1)
     result: dict = {"whole_model_s": whole}
-    for n in (2, 3):
-        plan = Plan.load(work / f"plan{n}")
-        with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane="tasks") as ex:
+    for key, plane in ((plan_key(label, plane, n), plane) for label, _, plane in PLANS for n in (2, 3)):
+        plan = Plan.load(work / key)
+        with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane=plane) as ex:
             got = ex.run(x).outputs
             err = float(np.abs(next(iter(got.values())) - ref).max())
             timings(lambda: ex.run(x), 2, warmup=1)
@@ -85,7 +144,7 @@ def drive(work: Path, repeats: int, out: Path) -> None:
             idle_after = _idle_rate(3.0)
         idle = {d: min(idle_before[d], idle_after[d]) for d in after}  # a stray transfer only ever adds bytes
         per_device = {d: max(0.0, after[d] - before[d] - idle[d] * elapsed) / repeats for d in after}
-        result[f"plan{n}"] = {"latency_s": times, "max_abs_diff": err, "sent_per_inference": per_device,
+        result[key] = {"latency_s": times, "max_abs_diff": err, "sent_per_inference": per_device,
                               "idle_bytes_per_s": idle}
     out.write_text(json.dumps(result))
 
@@ -109,17 +168,23 @@ def report(prepared: dict, runs: dict[str, dict], repeats: int, size: int) -> No
     rows, bytes_rows = [], []
     for network, r in runs.items():
         whole = statistics.median(r["whole_model_s"])
-        rows.append([network, "whole model, 1 onnxruntime session", 1, whole * 1e3, 1.0, "-"])
-        for n in (2, 3):
-            p = r[f"plan{n}"]
+        bandwidth, delay = network.split("/")
+        bps, delay_s = parse_rate(bandwidth), parse_seconds(delay)
+        rows.append([network, "whole model, 1 onnxruntime session", 1, whole * 1e3, "-", "-", 1.0, "-"])
+        for key, plan in prepared["plans"].items():
+            p = r[key]
             med = statistics.median(p["latency_s"])
-            rows.append([network, f"{n}-device vertical plan (RayExecutor, tasks)", n, med * 1e3, med / whole,
+            n = plan["devices"]
+            guess = predict(plan, bps, delay_s) if plan["plane"] == "peer" else None
+            rows.append([network, f"{plan['label']} ({len(plan['stages'])} stages), ray {plan['plane']}", n,
+                         med * 1e3, "-" if guess is None else guess * 1e3,
+                         "-" if guess is None else f"{(med - guess) / guess:+.0%}", med / whole,
                          f"{p['max_abs_diff']:.2g}"])
-            predicted = prepared["plans"][n]
             measured = sum(p["sent_per_inference"].values())
-            expected = predicted["wire_bytes"] + predicted["requester_bytes"]
-            bytes_rows.append([network, n, predicted["wire_bytes"], predicted["requester_bytes"], expected,
-                               round(measured), measured / expected if expected else float("nan"),
+            expected = plan["wire_bytes"] + plan["requester_bytes"]
+            bytes_rows.append([network, f"{plan['label']}, ray {plan['plane']}", n, plan["wire_bytes"],
+                               plan["requester_bytes"], expected, round(measured),
+                               measured / expected if expected else float("nan"),
                                ", ".join(f"{d} {v / 1e3:.0f} kB" for d, v in p["sent_per_inference"].items())])
     data = {"model": f"resnet18 1x3x{size}x{size}", "repeats": repeats, **prepared, "runs": runs,
             "load_average": os.getloadavg()}
@@ -127,18 +192,37 @@ def report(prepared: dict, runs: dict[str, dict], repeats: int, size: int) -> No
             f"1x3x{size}x{size}; median of {repeats} single requests, one at a time, the requester in the head's "
             "namespace; 1 core per device (Ray num_cpus=1, onnxruntime 1 thread). All Ray nodes share this machine's "
             f"cores (load average during the run {os.getloadavg()[0]:.1f}), so compute is not isolated; the network "
-            "is. Plans run on ordinary actor calls (dataplane=tasks).")
+            "is. Predicted (peer data plane only): every device runs its stages in plan order as soon as their "
+            "inputs are there, each stage taking its median time measured on one thread before the lab came up, "
+            f"each tensor between devices (and to or from the requester) the link's delay + bytes / bandwidth + "
+            f"{HOP_S * 1e6:.0f} µs (one exchange on loopback, bench_speed.py); Ray's cost per call is not counted. "
+            "vs whole model = split median / whole-model median (above 1: slower than one device).")
     bytes_note = ("Bytes every lab device sent on its link (tx counter of its veth) per inference, minus the idle "
-                  "background rate (Ray health checks and heartbeats; the lower of 3 s just before and 3 s just after), against plan.json: "
+                  "background rate (Ray health checks and heartbeats; the lower of 3 s just before and 3 s just "
+                  "after), against plan.json: "
                   "tensors between devices (`wire_bytes`) plus the requester's inputs and outputs. Ray adds "
                   "per-object framing, gRPC and TCP/IP headers (and the TCP ACKs every receiver sends back).")
     write_report("network", "Plans on the emulated edge network (edge-lab)", data, [
         ("Single-request latency", note + "\n\n" + markdown_table(
-            ["network", "what", "devices", "median ms", "vs whole model", "max abs diff"], rows)),
+            ["network", "what", "devices", "median ms", "predicted ms", "measured vs predicted", "vs whole model",
+             "max abs diff"], rows)),
         ("Bytes on the wire per inference", bytes_note + "\n\n" + markdown_table(
-            ["network", "devices", "plan: between devices", "plan: requester", "plan: total", "measured total",
+            ["network", "plan", "devices", "plan: between devices", "plan: requester", "plan: total", "measured total",
              "measured / plan", "sent by each device"], bytes_rows)),
     ])
+
+
+def parse_rate(text: str) -> float:
+    """Bits per second of a tc rate like 100mbit or 1gbit."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    unit = next(u for u in units if text.endswith(u))
+    return float(text[: -len(unit)]) * units[unit]
+
+
+def parse_seconds(text: str) -> float:
+    units = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
+    unit = next(u for u in units if text.endswith(u))
+    return float(text[: -len(unit)]) * units[unit]
 
 
 def main() -> None:
@@ -151,7 +235,7 @@ def main() -> None:
     if args._drive:
         work, out = Path(args._drive[1]), Path(args._drive[2])
         return drive(work, args.repeats, out)
-    networks = args.network or ["100mbit/2ms"]
+    networks = args.network or ["1gbit/0.3ms", "100mbit/2ms"]
     with tempfile.TemporaryDirectory(prefix="bench_network_") as tmp:
         work = Path(tmp)
         prepared = prepare(work, args.size)

@@ -193,7 +193,7 @@ def inspect(source: Path, as_json: bool, dims: tuple[str, ...], key_file: Path |
                    "heads: Transformers by attention heads, MLP neurons and vocabulary.")
 @click.option("--split", "split", type=click.Choice(SplitFamily.names()), default="auto", show_default=True,
               help="How horizontal regions split layers when chosen automatically.")
-@click.option("--sync", type=click.Choice(Sync.names()), default="gather", show_default=True,
+@click.option("--sync", type=click.Choice(Sync.names()), default="exchange", show_default=True,
               help="Split regions: gather sends the parts to one device that combines them and sends the result on; "
                    "exchange sends each part to every device that reads the result, and each combines it itself "
                    "(one hop per synchronisation instead of two).")

@@ -110,7 +110,8 @@ class LmHead(Choice):
 
 
 class Sync(Choice):
-    """How a split region's devices get its combined result."""
+    """How a split region's devices get its combined result (exchange by default: one hop fewer per
+    synchronisation, the same bytes on the busiest link; more bytes in all with three or more devices)."""
 
     GATHER = "gather"  # the combine device merges the parts and sends the result on (two hops)
     EXCHANGE = "exchange"  # every device that reads the result gets the parts it lacks and combines itself

@@ -32,14 +32,15 @@ from edgesplit.rewrite.transformer import TransformerSplitWarning
 def partition(graph: Graph, cluster: Cluster, mapping: Any = None, *, strategy: Strategy | str = Strategy.VERTICAL,
               split: SplitFamily | str = SplitFamily.AUTO, dims: Mapping[str, int] | None = None,
               kv_cache: KvCache | str = KvCache.GATHER, replicas: Sequence[ReplicaRequest] = (),
-              standby: Sequence[str] = (), sync: Sync | str = Sync.GATHER) -> Plan:
+              standby: Sequence[str] = (), sync: Sync | str = Sync.EXCHANGE) -> Plan:
     """Place every layer (from `mapping` if given, else by `strategy`), add `replicas`, and cut it into a Plan
     (with the standby stages `standby` asks for: 'auto', 'STAGE=DEVICE', 'DEVICE=DEVICE'; see edgesplit.standby).
 
     `vertical` balances contiguous layer ranges; `horizontal` / `hybrid` (or a mapping with horizontal regions)
     split layers into parts first, `split` choosing channels, spatial or auto; `heads` splits Transformers by
     attention heads, MLP neurons and vocabulary, `kv_cache="shard"` giving each device the KV cache of its heads.
-    `sync="exchange"` has every device of a region combine its parts itself (edgesplit.rewrite.exchange).
+    `sync="exchange"` (the default) has every device that reads a region's result combine its parts itself
+    (edgesplit.rewrite.exchange); `"gather"` leaves the combine on one device, which sends the result on.
     """
     rewritten, placement = layout(graph, cluster, mapping, strategy=strategy, split=split, dims=dims,
                                   kv_cache=kv_cache)
