@@ -129,3 +129,17 @@ def test_kv_devices_check_the_plan_signature_before_they_load_a_stage(ray_device
     with pytest.raises(EdgesplitError, match=f"refuses its stages: stage '{first}' is not the signed one"):
         remote_stages(swapped)
     assert len(remote_stages(signed)) == 2
+
+
+def test_a_device_lost_during_peer_generation_is_a_clear_error(ray_devices, word_tokenizer):
+    """A device actor killed between two tokens: the next step fails with a message, no device waits forever."""
+    from edgesplit.errors import EdgesplitError
+    from edgesplit.runtime.generate import Decoder
+
+    export = tz.gpt2(tz.default_cache_dir(), kv_cache=True)
+    decoder = Decoder(tz.vertical_plan(export.path, 2), backend="ray", dataplane="peer")
+    gen = decoder.generate(load_tokenizer(word_tokenizer), "w1 w2", 8, stop_at_eos=False)
+    next(gen)
+    ray.kill(decoder.runner.actors["dev1"])
+    with pytest.raises(EdgesplitError, match="generation on the peer data plane failed"):
+        list(gen)
