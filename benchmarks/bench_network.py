@@ -14,8 +14,10 @@ inference, against what plan.json says. Writes benchmarks/results/network.json a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -24,6 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from edgesplit import signing
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "scripts" / "edge-lab"
@@ -58,12 +62,16 @@ def prepare(work: Path, size: int) -> dict:
 
     model = zoo.export(zoo.resnet18(), (1, 3, size, size), work / "model.onnx", dynamic_batch=False)
     graph = load(model)
+    # signed with a key of this run: the driver in the lab checks them with it, then seals them for the devices
+    # with the lab's Ray auth token (each `edge-lab up` makes a new one)
+    (work / "plan.key").write_text(secrets.token_hex(32))
+    signing_key = signing.find_key(work / "plan.key")
     plans = {}
     for label, options, plane in PLANS:
         for n in (2, 3):
             plan = partition(graph, Cluster.simulated(n, cores=1, prefix="edge"), **options)
             key = plan_key(label, plane, n)
-            plan.save(work / key)
+            plan.save(work / key, key=signing_key)
             requester = sum(t.nbytes for t in plan.transfers
                             if t.cross_device and (SOURCE in (t.src, t.dst) or SINK in (t.src, t.dst)))
             plans[key] = {"label": label, "plane": plane, "devices": n, "wire_bytes": plan.wire_bytes(),
@@ -130,8 +138,10 @@ def drive(work: Path, repeats: int, out: Path) -> None:
     whole = timings(lambda: sess.run(None, x), repeats, warmup=1)
     result: dict = {"whole_model_s": whole}
     for key, plane in ((plan_key(label, plane, n), plane) for label, _, plane in PLANS for n in (2, 3)):
-        plan = Plan.load(work / key)
-        with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane=plane) as ex:
+        # checked with this run's key, then sealed afresh for the devices with the lab's token
+        plan = dataclasses.replace(Plan.load(work / key, key=signing.find_key(work / "plan.key")), seal=None)
+        with RayExecutor(plan, address=os.environ["RAY_ADDRESS"], deadline=120, dataplane=plane,
+                         key=signing.find_key()) as ex:
             got = ex.run(x).outputs
             err = float(np.abs(next(iter(got.values())) - ref).max())
             timings(lambda: ex.run(x), 2, warmup=1)
