@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesplit import signing
+from edgesplit.cluster import parse_bandwidth, parse_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT / "scripts" / "edge-lab"
@@ -86,7 +87,7 @@ def stage_seconds(plan, repeats: int = 9) -> dict[str, float]:
     """Median seconds of each stage on one onnxruntime thread, fed the values a request gives it."""
     import onnxruntime as ort
 
-    from edgesplit.bench.harness import timings
+    from edgesplit.bench.harness import median_seconds
     from edgesplit.runtime.common import random_inputs, session_options
 
     values = random_inputs(plan.inputs, {}, seed=0)
@@ -95,12 +96,12 @@ def stage_seconds(plan, repeats: int = 9) -> dict[str, float]:
         sess = ort.InferenceSession(plan.stage_models[stage.name], session_options(1),
                                     providers=["CPUExecutionProvider"])
         feeds = {t: values[t] for t in stage.inputs}
-        seconds[stage.name] = statistics.median(timings(lambda: sess.run(None, feeds), repeats, warmup=2))
+        seconds[stage.name] = median_seconds(lambda: sess.run(None, feeds), repeats, warmup=2)
         values.update(zip(stage.outputs, sess.run(list(stage.outputs), feeds)))
     return seconds
 
 
-def predict(plan: dict, bandwidth_bps: float, delay_s: float, hop_s: float = HOP_S) -> float:
+def predict(plan: dict, bandwidth: float, delay_s: float, hop_s: float = HOP_S) -> float:
     """Latency of one request on the peer data plane: every device runs its stages in the plan's order, each as
     soon as its inputs are there; a tensor between two devices (or to and from the requester) arrives `delay_s`
     + bytes / bandwidth + `hop_s` after it was made. No Ray cost per call is counted."""
@@ -110,7 +111,7 @@ def predict(plan: dict, bandwidth_bps: float, delay_s: float, hop_s: float = HOP
     into: dict[str, list[tuple[str, int]]] = {}
     for _, src, dst, nbytes in plan["transfers"]:
         into.setdefault(dst, []).append((src, nbytes))
-    link = lambda nbytes: delay_s + nbytes * 8 / bandwidth_bps + hop_s  # noqa: E731
+    link = lambda nbytes: delay_s + nbytes / bandwidth + hop_s  # noqa: E731  bandwidth in bytes per second
     done: dict[str, float] = {SOURCE: 0.0}
     free: dict[str, float] = {}
     for name in plan["order"]:
@@ -179,13 +180,13 @@ def report(prepared: dict, runs: dict[str, dict], repeats: int, size: int) -> No
     for network, r in runs.items():
         whole = statistics.median(r["whole_model_s"])
         bandwidth, delay = network.split("/")
-        bps, delay_s = parse_rate(bandwidth), parse_seconds(delay)
+        rate, delay_s = parse_bandwidth(bandwidth), parse_seconds(delay)
         rows.append([network, "whole model, 1 onnxruntime session", 1, whole * 1e3, "-", "-", 1.0, "-"])
         for key, plan in prepared["plans"].items():
             p = r[key]
             med = statistics.median(p["latency_s"])
             n = plan["devices"]
-            guess = predict(plan, bps, delay_s) if plan["plane"] == "peer" else None
+            guess = predict(plan, rate, delay_s) if plan["plane"] == "peer" else None
             rows.append([network, f"{plan['label']} ({len(plan['stages'])} stages), ray {plan['plane']}", n,
                          med * 1e3, "-" if guess is None else guess * 1e3,
                          "-" if guess is None else f"{(med - guess) / guess:+.0%}", med / whole,
@@ -220,19 +221,6 @@ def report(prepared: dict, runs: dict[str, dict], repeats: int, size: int) -> No
             ["network", "plan", "devices", "plan: between devices", "plan: requester", "plan: total", "measured total",
              "measured / plan", "sent by each device"], bytes_rows)),
     ])
-
-
-def parse_rate(text: str) -> float:
-    """Bits per second of a tc rate like 100mbit or 1gbit."""
-    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
-    unit = next(u for u in units if text.endswith(u))
-    return float(text[: -len(unit)]) * units[unit]
-
-
-def parse_seconds(text: str) -> float:
-    units = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
-    unit = next(u for u in units if text.endswith(u))
-    return float(text[: -len(unit)]) * units[unit]
 
 
 def main() -> None:

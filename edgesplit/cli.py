@@ -338,7 +338,8 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
 @click.option("--backend", type=click.Choice(Backend.names()), default="local", show_default=True)
 @click.option("--address", default=None, help="Ray head HOST:PORT (ray backend; default: a local Ray instance).")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads per stage.")
-@click.option("--dataplane", type=click.Choice(["auto", "peer", "tasks"]), default="auto", show_default=True,
+@click.option("--dataplane", type=click.Choice([d for d in Dataplane.names() if d != Dataplane.COMPILED]),
+              default="auto", show_default=True,
               help="ray: peer (one call per device per token, devices exchange directly; what auto picks) or tasks "
                    "(one actor call per stage).")
 @_signed_plans

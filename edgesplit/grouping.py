@@ -42,7 +42,7 @@ def stage_groups(graph: Graph, placement: Mapping[str, str]) -> list[tuple[str, 
             p = producer.get(t)
             if p and group_of[p] != group_of[layer.name]:
                 edges[group_of[p]].add(group_of[layer.name])
-    roots = list(dict.fromkeys(group_of[l.name] for l in graph.layers))
+    roots = list(dict.fromkeys(group_of[layer.name] for layer in graph.layers))
     device = {r: placement[r] for r in roots}
     merged = _merge_same_device(roots, edges, device)
     members: dict[str, list[str]] = defaultdict(list)
@@ -140,14 +140,10 @@ def _ranks(graph: Graph, placement: Mapping[str, str], producer: Mapping[str, st
         )
     # a layer fed by the model inputs alone (a constant, a relay of a past_* KV input) joins its readers' stage:
     # as early as possible it would hold the reader's device back, and split a KV cache's Concat from its relay
-    readers: dict[str, list[str]] = defaultdict(list)
+    consumers = graph.consumers()
     for layer in graph.layers:
-        for t in layer.inputs:
-            if t in producer:
-                readers[producer[t]].append(layer.name)
-    for layer in graph.layers:
-        if readers[layer.name] and not any(t in producer for t in layer.inputs):
-            dev = placement[layer.name]
-            rank[layer.name] = max(0, min(rank[r] - (placement[r] != dev or any(t in sent for t in layer.outputs))
-                                          for r in readers[layer.name]))
+        readers = [r for t in layer.outputs for r in consumers.get(t, ())]
+        if readers and not any(t in producer for t in layer.inputs):
+            sends = any(t in sent for t in layer.outputs)
+            rank[layer.name] = max(0, min(rank[r] - (placement[r] != placement[layer.name] or sends) for r in readers))
     return rank

@@ -121,9 +121,10 @@ def test_lost_parts_are_replicated_or_filled_as_with_gather(mode):
             np.testing.assert_allclose(got.outputs[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_parts_run_at_once_the_cut_sends_a_tensor_as_soon_as_it_exists(zoo_graphs):
+@pytest.mark.parametrize("sync", ["gather", "exchange"])
+def test_parts_run_at_once_the_cut_sends_a_tensor_as_soon_as_it_exists(zoo_graphs, sync):
     """The root's own part is a stage apart from the stage feeding the other parts, so they start together."""
-    plan = partition(zoo_graphs["resnet"], Cluster.simulated(2), strategy="horizontal", split="channels")
+    plan = partition(zoo_graphs["resnet"], Cluster.simulated(2), strategy="horizontal", split="channels", sync=sync)
     stage_of = {n: s.name for s in plan.stages for n in s.layers}
     for region in plan.regions:
         feeding = {t.src for t in plan.transfers if t.dst in {stage_of[n] for p in region.parts for n in p.nodes}

@@ -34,17 +34,16 @@ def exchange(graph: Graph, placement: Mapping[str, str]) -> tuple[Graph, dict[st
         return graph, dict(placement)
     producer = graph.producers()
     devices = sorted(set(placement.values()))
-    computed = _computed_where_read(graph, placement, devices)
+    computed = _computed_where_read(graph, placement, producer, devices)
     needed = _needed(graph, placement, producer, computed)
     if not needed:
         return graph, dict(placement)
     ed = Editor(graph)
     where = dict(placement)
-    copied = {node for node, _ in needed}
     nodes: list[onnx.NodeProto] = []
     for node in ed.nodes:
         source = list(node.input)
-        for dev in (d for d in devices if node.name in copied and (node.name, d) in needed):
+        for dev in (d for d in devices if (node.name, d) in needed):
             twin = onnx.NodeProto()
             twin.CopyFrom(node)
             twin.name = copy_name(node.name, dev)
@@ -62,13 +61,13 @@ def exchange(graph: Graph, placement: Mapping[str, str]) -> tuple[Graph, dict[st
     return ed.build([]), where
 
 
-def _computed_where_read(graph: Graph, placement: Mapping[str, str], devices: list[str]) -> dict[tuple[str, str], bool]:
+def _computed_where_read(graph: Graph, placement: Mapping[str, str], producer: Mapping[str, str],
+                         devices: list[str]) -> dict[tuple[str, str], bool]:
     """(tensor, device) -> should the device compute the tensor itself rather than receive it: a cheap op on
     another device whose inputs lead back, through cheap ops only, to a region's combine."""
     combines = {n for r in graph.regions for n in (r.combine_nodes or (r.combine_node,))}
     part_outputs = {p.output for r in graph.regions for p in r.parts} | \
         {x.output for r in graph.regions for x in (*r.replicas, *((r.coded,) if r.coded else ()))}
-    producer = graph.producers()
     out: dict[tuple[str, str], bool] = {}
     for layer in graph.layers:
         cheap = layer.op_type not in HEAVY

@@ -153,7 +153,8 @@ class PeerNode:
         self._epoch = 0
         self._next = 0
         self.programs: dict[str, Program] = {}
-        self.bytes_in = 0
+        self.bytes_in = 0  # every tensor that arrived
+        self.bytes_taken = 0  # the tensors the stages read (runs go one at a time: a run's share is a difference)
         self._doing: dict[int, tuple[str, str]] = {}  # exchange -> ("turn" | "run" stage | "wait" sender)
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -272,7 +273,9 @@ class PeerNode:
             self._cond.wait_for(lambda: key in self._box or xid in self._aborted or sender in self._gone
                                 or self._epoch != epoch)
             if key in self._box:
-                return self._box.pop(key)
+                array = self._box.pop(key)
+                self.bytes_taken += array.nbytes
+                return array
             why = (f"device {sender!r} went away" if sender in self._gone else
                    "the driver gave up on it" if xid in self._aborted else "the peer mesh was rebuilt")
         raise PeerError(f"device {self.device!r}: waiting for {tensor!r} of exchange {xid}: {why}")

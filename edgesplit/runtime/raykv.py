@@ -49,20 +49,14 @@ class KVWorker:
                        for name, ins, outs, model in stages}
         self.sent = {name: tuple(o for o in outs if not o.startswith(PRESENT)) for name, _, outs, _ in stages}
         self.peer: PeerNode | None = None
-        self.waits: dict[str, str] = {}  # tensor -> the peer it comes from, in the step that runs
-        self.counted: set[str] = set()
-        self.received = 0
+        self.batch = 1
 
     def step(self, stage: str, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
         results = self.states[stage].step(feeds, batch)
         return {k: v for k, v in results.items() if not k.startswith(PRESENT)}  # caches stay on the device
 
     def _peer_step(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        for name in self.waits.keys() & feeds.keys() - self.counted:
-            self.counted.add(name)
-            self.received += feeds[name].nbytes
-        batch = next((int(v.shape[0]) for v in feeds.values() if v.ndim), 1)  # every decoder tensor is batch-first
-        results = self.states[stage].step(feeds, batch)
+        results = self.states[stage].step(feeds, self.batch)
         return [results[o] for o in self.sent[stage]]
 
     def peer_open(self) -> tuple[str, int, bytes]:
@@ -80,13 +74,14 @@ class KVWorker:
         assert self.peer is not None
         self.peer.programs[key] = program
 
-    def peer_run(self, epoch: int, seq: int, key: str, xid: int,
-                 requests: list[dict[str, np.ndarray]]) -> tuple[list[dict[str, np.ndarray]], int] | PeerError:
-        """This device's part of one step: the outputs it hands back, and the bytes it received from its peers."""
+    def peer_run(self, epoch: int, seq: int, key: str, xid: int, requests: list[dict[str, np.ndarray]],
+                 batch: int = 1) -> tuple[list[dict[str, np.ndarray]], int] | PeerError:
+        """This device's part of one step (of `batch` sequences): the outputs it hands back, and the bytes its
+        stages read from its peers."""
         assert self.peer is not None
-        self.waits, self.counted, self.received = dict(self.peer.programs[key].waits), set(), 0
+        self.batch, before = batch, self.peer.bytes_taken
         try:
-            return self.peer.run(epoch, seq, key, xid, requests, self._peer_step), self.received
+            return self.peer.run(epoch, seq, key, xid, requests, self._peer_step), self.peer.bytes_taken - before
         except PeerError as exc:
             return exc
 
@@ -155,8 +150,8 @@ class PeerDecoder:
                         for t, _ in step.sends}
 
     def step(self, feeds: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
-        call = self.mesh.dispatch(self.actors, self.route, [dict(feeds)])
-        try:
+        try:  # a lost device fails the mesh's (re)build as well as the step
+            call = self.mesh.dispatch(self.actors, self.route, [dict(feeds)], batch=int(feeds["input_ids"].shape[0]))
             answers = ray.get(list(call.refs.values()))
         except ray.exceptions.RayError as exc:
             self.mesh.invalidate()

@@ -53,7 +53,10 @@ class PeerMesh:
         self._seq = {d: itertools.count() for d in actors}
         self._installed.clear()
 
-    def dispatch(self, actors: Mapping[str, Any], route: Route, chunk: Sequence[Mapping[str, np.ndarray]]) -> PeerCall:
+    def dispatch(self, actors: Mapping[str, Any], route: Route, chunk: Sequence[Mapping[str, np.ndarray]],
+                 **options: Any) -> PeerCall:
+        """Send a chunk through the mesh (built first if it is not), one call per device; `options` go to every
+        device's `peer_run`."""
         if not self.devices or not route.devices <= self.devices:
             self.build(actors)
         key = self._keys.setdefault(tuple((s.name, s.device) for s in route.stages), f"route{len(self._keys)}")
@@ -67,7 +70,7 @@ class PeerMesh:
         refs = {}
         for d, prog in progs.items():
             feeds = [{t: request[t] for t in prog.feeds} for request in chunk]
-            refs[d] = actors[d].peer_run.remote(self.epoch, next(self._seq[d]), key, xid, feeds)
+            refs[d] = actors[d].peer_run.remote(self.epoch, next(self._seq[d]), key, xid, feeds, **options)
         return PeerCall(xid, refs)
 
     def ready(self, call: PeerCall, timeout: float) -> bool:
