@@ -383,6 +383,23 @@ def _find_cycle(plan: Plan) -> list[str]:
     return []
 
 
+def _wiring(graph: Graph, groups: list[tuple[str, list[str]]],
+            exported: set[str]) -> tuple[dict[str, int], dict[str, set[int]], list[list[str]]]:
+    """The stage producing each tensor, the other stages reading it, and each stage's outputs."""
+    producer_stage = {t: idx for idx, (_, members) in enumerate(groups)
+                      for n in members for t in graph.layer(n).outputs}
+    consumers: dict[str, set[int]] = defaultdict(set)
+    for idx, (_, members) in enumerate(groups):
+        for name in members:
+            for t in graph.layer(name).inputs:
+                if producer_stage.get(t) != idx:
+                    consumers[t].add(idx)
+    outputs = [[t for n in members for t in graph.layer(n).outputs
+                if t in exported or any(c != idx for c in consumers.get(t, ()))]
+               for idx, (_, members) in enumerate(groups)]
+    return producer_stage, consumers, outputs
+
+
 def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
     """Turn a complete placement into stages whose dependency graph is a DAG, and the transfers between them."""
     # replica nodes get stages of their own, so a standby replica costs nothing until its part is lost
@@ -390,26 +407,19 @@ def cut(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Plan:
     replica_of = {n: r.output for copies in extra for r in copies for n in r.nodes}  # coded parts too
     keyed = {n: f"{d}\0{replica_of[n]}" if n in replica_of else d for n, d in placement.items()}
     groups = [(key.split("\0")[0], members) for key, members in stage_groups(graph, keyed)]
-    producer_stage: dict[str, int] = {}
-    for idx, (_, members) in enumerate(groups):
-        for name in members:
-            for t in graph.layer(name).outputs:
-                producer_stage[t] = idx
-    consumers: dict[str, set[int]] = defaultdict(set)
-    for idx, (_, members) in enumerate(groups):
-        for name in members:
-            for t in graph.layer(name).inputs:
-                if producer_stage.get(t) != idx:
-                    consumers[t].add(idx)
     # a replica's output feeds no node: the executors take it from its stage when its part is lost
     exported = set(graph.outputs) | {r.output for copies in extra for r in copies}
+    while True:  # a stage nobody reads from (its nodes copied onto every reader by the exchange) is dropped
+        producer_stage, consumers, outputs = _wiring(graph, groups, exported)
+        if all(outputs):
+            break
+        groups = [g for g, outs in zip(groups, outputs) if outs]
     names = [f"s{i}_{device}" for i, (device, _) in enumerate(groups)]
     stages, models, transfers = [], {}, []
     for idx, (device, members) in enumerate(groups):
         member_set = set(members)
         ins = list(dict.fromkeys(t for n in members for t in graph.layer(n).inputs if producer_stage.get(t) != idx))
-        outs = [t for n in members for t in graph.layer(n).outputs
-                if t in exported or any(c != idx for c in consumers.get(t, ()))]
+        outs = outputs[idx]
         data = _stage_model(graph, [n for n in (l.name for l in graph.layers) if n in member_set], ins, outs, names[idx])
         models[names[idx]] = data
         stages.append(Stage(

@@ -17,7 +17,8 @@ from edgesplit.graph import load
 from edgesplit.place import balance
 from edgesplit.planner import plan as make_plan
 from edgesplit.search import validate
-from edgesplit.search.cost import CostModel, Vertical, equal_layers, from_placement
+from edgesplit.search.cost import CostModel, Overheads, Vertical, equal_layers, from_placement
+from edgesplit.search.space import to_plan
 from edgesplit.search.nsga import Objective, encode, decode, search
 from edgesplit.search.profile import check_profile, live_bytes, profile
 from edgesplit.errors import InputError
@@ -115,6 +116,87 @@ def _crossings(graph, cluster, v):
 def test_encoding_round_trips():
     v = Vertical((3, 3, 10), (2, 0, 3, 1))
     assert decode(encode(v, 20, 4), 20, 4) == v
+    grouped = Vertical((3, 3, 10), (2, 0, 3, 1), (-1, -1, -1, 0), (True, False, False))
+    assert decode(encode(grouped, 20, 4, standbys=True, horizontal=True), 20, 4) == grouped
+    # a range in a horizontal group has no standby of its own
+    again = decode(encode(replace(grouped, standby=(1, -1, 2, 0)), 20, 4, True, True), 20, 4)
+    assert again == replace(grouped, standby=(-1, -1, 2, 0))
+    assert [(g.first, g.end, g.devices) for g in grouped.groups(20)] == [(0, 3, (2, 0)), (3, 10, (3,)), (10, 20, (1,))]
+
+
+FAST = Link(bandwidth=12.5e9, latency=5e-6)  # an idealised 100 Gbit/s link: the parts' compute decides
+
+
+def test_a_group_splits_its_split_layers_by_speed_and_the_rest_runs_on_its_lead(resnet):
+    graph, profiles = resnet
+    devices = Cluster.simulated(2).devices
+    cluster = Cluster((devices[0], replace(devices[1], speed=3.0)), Link(bandwidth=1e15, latency=0.0))
+    model = CostModel(graph, cluster, profiles, Overheads(), parallel=True)
+    splits = model.splits
+    assert len(splits.requests) >= 3
+    t = np.asarray(profiles[1].layer_seconds)
+    split = np.zeros(len(t), dtype=bool)
+    for p in splits.layers:
+        split[p] = True
+    v = Vertical((0,), (0, 1), (), (True,))
+    c = model.costs(v)
+    # shares by speed (1 : 3): each part takes a quarter of the split layers' time on its own device
+    assert c.latency == pytest.approx(t[~split].sum() + t[split].sum() / 4, rel=1e-5)
+    serial = CostModel(graph, cluster, profiles, Overheads(), parallel=False).costs(v)
+    assert serial.latency == pytest.approx(t[~split].sum() + t[split].sum() / 2, rel=1e-5)
+    assert c.received[0] > 0 and c.received[1] > 0  # every split is exchanged both ways
+    p = profiles[1]
+    weights = [m - p.session_bytes - live_bytes(graph).max() * p.activation_factor for m in c.memory]
+    params = sum(float(model.split_params[i]) for i in range(len(splits.requests)))
+    unsplit = graph.total_param_bytes - params
+    # the lead holds the unsplit layers and a quarter of the split ones, the helper three quarters
+    assert weights == pytest.approx([p.weight_factor * (unsplit + params / 4), p.weight_factor * params * 3 / 4],
+                                    abs=3)
+
+
+def test_horizontal_layouts_run_correctly_and_their_predictions_agree_with_emulated_runs(resnet):
+    import onnxruntime as ort
+
+    from edgesplit.runtime.common import random_inputs
+    from edgesplit.runtime.local import LocalExecutor
+
+    graph, profiles = resnet
+    cluster = Cluster.load(MIXED)
+    n = len(graph.layers)
+    grouped = [Vertical((n // 2, n, n), (1, 3, 0, 2), (), (True, False, False)),
+               Vertical((n // 3, n // 2, n), (3, 1, 2, 0), (), (False, True, True)),
+               Vertical((0, 0, 0), (0, 1, 2, 3), (), (True, True, True))]
+    backend = validate.Backend.EMULATED
+    checks = validate.check(graph, cluster, profiles, grouped, backend, threads=1, repeats=10, dims=BATCH)
+    model = validate.run_model(graph, cluster, profiles, validate.overheads(backend), backend)
+    whole = ort.InferenceSession(graph.path)
+    feeds = random_inputs(make_plan(graph, cluster, balance(graph, cluster)).inputs, BATCH)
+    for check in checks:
+        assert check.predicted.latency / 2 < check.measured.latency < check.predicted.latency * 2
+        plan = to_plan(graph, model.cluster, check.layout, model.splits, BATCH)
+        groups = [g for g in check.layout.groups(n) if len(g.devices) > 1]
+        assert groups and plan.regions
+        names = {tuple(model.cluster.names[d] for d in g.devices) for g in groups}
+        assert {tuple(p.device for p in r.parts) for r in plan.regions} <= names
+        got = list(LocalExecutor(plan).run(feeds).outputs.values())[0]
+        np.testing.assert_allclose(got, whole.run(None, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_horizontal_space_beats_vertical_where_links_are_fast(resnet):
+    graph, profiles = resnet
+    cluster = Cluster(Cluster.simulated(2).devices, FAST)
+    model = CostModel(graph, cluster, profiles)
+    bases = [from_placement(graph, cluster, balance(graph, cluster)), equal_layers(model.n, model.k)]
+    objectives = [Objective.LATENCY, Objective.MEMORY]
+    vertical = search(model, objectives, bases, population=30, generations=20, seed=1)
+    hybrid = search(model, objectives, bases, population=30, generations=20, seed=1, horizontal=True)
+    best = min(hybrid.front, key=lambda p: p.costs.latency)
+    assert best.layout.horizontal
+    assert best.costs.latency < 0.9 * min(p.costs.latency for p in vertical.front)
+    # on a slow link the same search keeps to vertical layouts for latency
+    slow = CostModel(graph, Cluster(cluster.devices, Link(bandwidth=12.5e6, latency=2e-3)), profiles)
+    quick = min(search(slow, objectives, bases, 30, 20, 1, horizontal=True).front, key=lambda p: p.costs.latency)
+    assert not quick.layout.horizontal
 
 
 def test_search_beats_its_baselines_on_a_mixed_cluster(resnet):
@@ -185,9 +267,28 @@ def test_search_cli_writes_a_front_and_runnable_plans(resnet, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_search_cli_horizontal_space_writes_split_plans_that_verify(resnet, tmp_path):
+    graph, _ = resnet
+    cluster = tmp_path / "fast.yaml"
+    cluster.write_text("devices:\n  - {name: a, cores: 1, memory: 1GiB}\n  - {name: b, cores: 1, memory: 1GiB}\n"
+                       "links:\n  default: {bandwidth: 100gbit, latency: 0.005ms}\n")
+    out = tmp_path / "out"
+    r = _cli("search", graph.path, "--cluster", cluster, "--space", "vertical,horizontal", "--generations", 15,
+             "--population", 20, "--plans", 4, "--pick", "latency", "--validate", 2, "--backend", "emulated",
+             "--dim", "batch=16", "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "front.json").read_text())
+    picked = doc["front"][doc["picked"]["index"]]
+    assert any("split_over" in s for s in picked["layout"]["stages"]), picked["layout"]
+    plan_dir = out / picked["plan"]
+    assert json.loads((plan_dir / "plan.json").read_text())["regions"]
+    verified = _cli("verify", plan_dir)
+    assert verified.exit_code == 0, verified.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["--objectives", "latency,speed"], "expected one of"),
-    (["--space", "vertical,horizontal"], "not searched yet"),
+    (["--space", "vertical,sideways"], "expected one of"),
     (["--validate", "5", "--plans", "2"], "at most the 2 plans"),
     (["--space", "replication"], "expected 'vertical' among ['replication']"),
 ])

@@ -107,7 +107,8 @@ def _check_output(output: Path, force: bool) -> None:
 @click.option("--objectives", default="latency,memory", show_default=True,
               help="Comma-separated: latency, memory, energy, throughput, robustness.")
 @click.option("--space", default="vertical", show_default=True,
-              help="What the search may change: vertical, and replication (standby copies of stages).")
+              help="What the search may change: vertical (layer ranges), horizontal (neighbouring ranges joined into a "
+                   "group that splits its layers by channels) and replication (standby copies of stages).")
 @click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--population", type=click.IntRange(min=4), default=100, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -157,19 +158,19 @@ def search_command(model: Path, devices: int | None, cluster: Path | None, dims:
     overheads = validate.overheads(validate.Backend(backend))
     cost_model = CostModel(graph, the_cluster, profiles, overheads, host_speed)
     result, bases, chosen, why = _search(cost_model, goals, population, generations, seed, Pick(how),
-                                         front.Space.REPLICATION in spaces)
+                                         front.Space.REPLICATION in spaces, front.Space.HORIZONTAL in spaces)
     if validate_k > len(result.front):
         raise InputError(f"--validate {validate_k}: the front has only {len(result.front)} point(s); expected at most "
                          "that many (nothing was written)")
     indices = front.spread(len(result.front), plans, chosen)
-    built = _plans(graph, the_cluster, [result.front[i].layout for i in indices])
+    built = _plans(graph, the_cluster, [result.front[i].layout for i in indices], cost_model, _dims(dims))
     checks = _validate(graph, the_cluster, profiles, result, indices, validate_k, chosen, backend, overheads,
                        _dims(dims))
     outcome = front.Outcome(result, bases, chosen, why, checks)
     _write(output, force, key, cost_model, outcome, goals, profiles, overheads, dict(zip(indices, built)), backend)
 
 
-def _search(cost_model, goals, population, generations, seed, how, standbys):
+def _search(cost_model, goals, population, generations, seed, how, standbys, horizontal):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from edgesplit.cli import console, err_console
@@ -180,19 +181,18 @@ def _search(cost_model, goals, population, generations, seed, how, standbys):
     with Progress(*columns, console=err_console, transient=True) as progress:
         task = progress.add_task("search", total=generations)
         result, bases, chosen, why = front.run_search(cost_model, goals, population, generations, seed, how,
-                                                      lambda: progress.advance(task), standbys)
+                                                      lambda: progress.advance(task), standbys, horizontal)
     console.print(report.front_table(cost_model, result, bases, goals, chosen))
     console.print(f"{result.evaluations} layouts scored in {result.seconds:.1f} s; picked #{chosen}: {why}",
                   markup=False, highlight=False, soft_wrap=True)
     return result, bases, chosen, why
 
 
-def _plans(graph, cluster, layouts):
-    from edgesplit.planner import plan, with_standbys
+def _plans(graph, cluster, layouts, cost_model, dims):
     from edgesplit.runtime.stages import check_loadable
+    from edgesplit.search.space import to_plan
 
-    built = [with_standbys(plan(graph, cluster, v.placement(graph, cluster)), graph,
-                           v.standby_requests(len(graph.layers), cluster)) for v in layouts]
+    built = [to_plan(graph, cluster, v, cost_model.splits if v.horizontal else None, dims) for v in layouts]
     for p in built:
         check_loadable(p)
     return built

@@ -23,6 +23,9 @@ import numpy as np
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
 from edgesplit.search.profile import Profile, for_device, live_bytes
+from edgesplit.search.space import Group, Splits, Vertical, equal_layers, from_placement
+
+__all__ = ["CostModel", "Costs", "Overheads", "Vertical", "equal_layers", "from_placement"]
 
 
 @dataclass(frozen=True)
@@ -53,51 +56,23 @@ class Costs:
         return max(self.memory)
 
 
-@dataclass(frozen=True)
-class Vertical:
-    """Contiguous layer ranges: range s is layers [bounds[s], bounds[s+1]) on device order[s], with a standby copy
-    on device standby[s] (-1: none; no entries: no standbys at all) that runs only while order[s] is down."""
-
-    cuts: tuple[int, ...]
-    order: tuple[int, ...]
-    standby: tuple[int, ...] = ()
-
-    def standby_requests(self, n: int, cluster: Cluster) -> list[str]:
-        """`partition --standby` requests: DEVICE=DEVICE for every range that has a standby (each device holds one)."""
-        b = self.bounds(n)
-        return [f"{cluster.devices[d].name}={cluster.devices[e].name}" for s, (d, e) in
-                enumerate(zip(self.order, self.standby)) if e >= 0 and b[s + 1] > b[s]]
-
-    def bounds(self, n: int) -> tuple[int, ...]:
-        return (0, *self.cuts, n)
-
-    def placement(self, graph: Graph, cluster: Cluster) -> dict[str, str]:
-        b = self.bounds(len(graph.layers))
-        return {layer.name: cluster.devices[self.order[s]].name
-                for s in range(len(self.order)) for layer in graph.layers[b[s]: b[s + 1]]}
-
-    def to_dict(self, graph: Graph, cluster: Cluster) -> dict:
-        b = self.bounds(len(graph.layers))
-        standby = self.standby or (-1,) * len(self.order)
-        return {"stages": [{"device": cluster.devices[d].name, "first": graph.layers[b[s]].name,
-                            "last": graph.layers[b[s + 1] - 1].name, "layers": b[s + 1] - b[s],
-                            "standby": cluster.devices[standby[s]].name if standby[s] >= 0 else None}
-                           for s, d in enumerate(self.order) if b[s + 1] > b[s]]}
-
-
 class CostModel:
     """Everything about a model and a cluster that candidates share, precomputed once; `costs` is then cheap."""
 
     def __init__(self, graph: Graph, cluster: Cluster, profiles: Mapping[int, Profile],
-                 overheads: Overheads = Overheads(), host_speed: float = 1.0) -> None:
+                 overheads: Overheads = Overheads(), host_speed: float = 1.0, parallel: bool = True) -> None:
         """`host_speed`: this machine's speed in the cluster's units (a device of speed s computes s ÷ host_speed
-        times as fast as this machine did when profiled)."""
-        self.graph, self.cluster, self.overheads = graph, cluster, overheads
+        times as fast as this machine did when profiled); `parallel`: the parts of a split run at once (on devices,
+        on Ray, emulated), not one after another (the local executor)."""
+        self.graph, self.cluster, self.overheads, self.parallel = graph, cluster, overheads, parallel
+        self._splits: Splits | None = None
         layers = graph.layers
         self.n = len(layers)
         self.k = len(cluster.devices)
         kinds = [for_device(profiles, d.cores) for d in cluster.devices]
         seconds = [np.asarray(k.layer_seconds) * host_speed / d.speed for k, d in zip(kinds, cluster.devices)]
+        self.seconds = np.stack(seconds)
+        self.speed = np.array([d.speed for d in cluster.devices])
         self.time_prefix = np.stack([np.concatenate([[0.0], np.cumsum(s)]) for s in seconds])
         self.param_prefix = np.concatenate([[0], np.cumsum([layer.param_bytes for layer in layers])])
         self.live = live_bytes(graph)
@@ -135,6 +110,8 @@ class CostModel:
         self.inner_to = self.edge_to[inner]
 
     def costs(self, v: Vertical) -> Costs:
+        if v.horizontal:
+            return self._grouped(v)
         b = np.asarray(v.bounds(self.n))
         order = np.asarray(v.order)
         used = b[1:] > b[:-1]
@@ -142,10 +119,9 @@ class CostModel:
         busy[order] = self.time_prefix[order, b[1:]] - self.time_prefix[order, b[:-1]]
         memory, survived = self._memory(b, order, used, v.standby)
         src, dst, nbytes = self._transfers(b, order)
-        link = self.lat[src, dst] + nbytes / self.bw[src, dst]
         stages = int(used.sum())
         o = self.overheads
-        latency = float(busy.sum() + link.sum() + o.base + max(stages - 1, 0) * o.step)
+        latency = float(busy.sum() + self._hops(src, dst, nbytes, dst) + o.base + max(stages - 1, 0) * o.step)
         occupancy = np.zeros((self.k, self.k))
         np.add.at(occupancy, (src, dst), nbytes / self.bw[src, dst])
         period = float(max((busy + np.where(busy > 0, o.step, 0.0)).max(), occupancy.max(initial=0.0), 1e-12))
@@ -182,28 +158,132 @@ class CostModel:
         src = order[np.searchsorted(b, self.producer[tensors], side="right") - 1]
         return src, dst, self.tensor_bytes[tensors].astype(float)
 
+    @property
+    def splits(self) -> Splits:
+        """The channel splits groups may use, with each one's seconds per device and weights (computed once)."""
+        if self._splits is None:
+            self._splits = Splits(self.graph, self.k)
+            layers = self._splits.layers
+            self.split_seconds = np.array([[self.seconds[d, p].sum() for p in layers] for d in range(self.k)])
+            param = np.diff(self.param_prefix)
+            self.split_params = np.array([param[p].sum() for p in layers], dtype=float)
+        return self._splits
+
+    def _grouped(self, v: Vertical) -> Costs:
+        """Costs of a layout with horizontal groups: a group's unsplit layers run on its lead, each split's parts
+        on every member by speed, then one exchange (an all-gather of the parts, or an all-reduce of partial sums)
+        among the members; tensors between groups go from the producer's lead to every member of the reader's."""
+        o, sp, groups = self.overheads, self.splits, v.groups(self.n)
+        busy, weights, live = np.zeros(self.k), np.zeros(self.k), np.zeros(self.k)
+        received, occupancy = np.zeros(self.k), np.zeros((self.k, self.k))
+        latency = o.base + max(len(groups) - 1, 0) * o.step
+        standby = v.standby or (-1,) * self.k
+        holders_of = {d: e for d, e in zip(v.order, standby) if e >= 0}
+        covered = np.zeros(self.k, dtype=bool)
+        for g in groups:
+            members = np.asarray(g.devices)
+            total = self.time_prefix[members, g.end] - self.time_prefix[members, g.first]
+            params = self.param_prefix[g.end] - self.param_prefix[g.first]
+            peak = self.live[g.first: g.end].max()
+            if len(members) == 1:
+                holders = [g.lead] + ([holders_of[g.lead]] if g.lead in holders_of else [])
+                covered[g.lead] = len(holders) > 1
+                for h in holders:
+                    weights[h] += params
+                    live[h] = max(live[h], peak)
+                busy[g.lead] += total[0]
+                latency += total[0]
+                continue
+            live[members] = np.maximum(live[members], peak)
+            inside = sp.inside(g.first, g.end)
+            share = self.speed[members] / self.speed[members].sum()
+            parts = share * self.split_seconds[np.ix_(members, np.flatnonzero(inside))].sum(axis=1)
+            rest = total[0] - self.split_seconds[g.lead, inside].sum()
+            split_params = self.split_params[inside].sum()
+            weights[members] += share * split_params
+            weights[g.lead] += params - split_params
+            busy[members] += parts
+            busy[g.lead] += rest
+            latency += rest + (parts.max() if self.parallel else parts.sum())
+            latency += self._exchanges(members, share, inside, received, occupancy)
+        src, dst, nbytes, reader = self._group_transfers(groups)
+        latency += self._hops(src, dst, nbytes, reader)
+        np.add.at(occupancy, (src, dst), nbytes / self.bw[src, dst])
+        np.add.at(received, dst, nbytes)
+        memory = np.where(weights + live > 0, weights * self.weight_factor + live * self.activation_factor
+                          + self.session_bytes, 0).astype(np.int64)
+        period = float(max((busy + np.where(busy > 0, o.step, 0.0)).max(), occupancy.max(initial=0.0), 1e-12))
+        energy = self.busy_w * busy + self.idle_w * np.maximum(latency - busy, 0.0)
+        return Costs(float(latency), period, tuple(int(m) for m in memory), int(received.sum()),
+                     tuple(float(e) for e in energy), tuple(int(r) for r in received), float(covered.mean()))
+
+    def _hops(self, src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, reader: np.ndarray) -> float:
+        """Seconds of the messages between devices, one after another: one per (source, destination) pair, its
+        link's latency plus its tensors' bytes ÷ bandwidth; a group's members receive theirs at once (`reader`:
+        the group of each destination)."""
+        if not len(src):
+            return 0.0
+        pairs, where = np.unique(src * self.k + dst, return_inverse=True)
+        seconds = np.zeros(len(pairs))
+        np.add.at(seconds, where, nbytes / self.bw[src, dst])
+        a, b = pairs // self.k, pairs % self.k
+        seconds += self.lat[a, b]
+        first = np.zeros(len(pairs), dtype=np.int64)
+        first[where] = reader
+        hops, slot = np.unique(a * (int(reader.max()) + 1) + first, return_inverse=True)
+        slowest = np.zeros(len(hops))
+        np.maximum.at(slowest, slot, seconds)
+        return float(slowest.sum())
+
+    def _exchanges(self, members: np.ndarray, share: np.ndarray, inside: np.ndarray, received: np.ndarray,
+                   occupancy: np.ndarray) -> float:
+        """Seconds of the group's exchanges (one per split, one after another); adds their bytes to `received`
+        and their link time to `occupancy`."""
+        sp = self.splits
+        chosen = np.flatnonzero(inside)
+        if not len(chosen):
+            return 0.0
+        # bytes each member sends to each other member, per split: its part, or its whole partial sum
+        sent = sp.sync_bytes[chosen, None] * np.where(sp.partial_sums[chosen, None], 1.0, share[None, :])
+        bw, lat = self.bw[np.ix_(members, members)], self.lat[np.ix_(members, members)]
+        other = ~np.eye(len(members), dtype=bool)
+        inv = np.where(other, 1.0 / bw, 0.0)
+        # each pair of members has its own link: a split's exchange ends when its slowest pair has delivered
+        arrive = np.where(other[None], lat[None] + sent[:, :, None] * inv[None], 0.0)  # split, sender, receiver
+        total = sent.sum(axis=0)
+        received[members] += total.sum() - total
+        occupancy[np.ix_(members, members)] += total[:, None] * inv
+        return float(arrive.max(axis=(1, 2)).sum() + len(chosen) * self.overheads.step)
+
+    def _group_transfers(self, groups: list[Group]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source, destination, bytes, reading group) of every tensor between groups, to each of its members."""
+        starts = np.array([g.first for g in groups])
+        leads = np.array([g.lead for g in groups])
+        gs = np.searchsorted(starts, self.inner_from, side="right") - 1
+        gd = np.searchsorted(starts, self.inner_to, side="right") - 1
+        crossing = gs != gd
+        keys = np.unique(self.inner_tensor[crossing] * len(groups) + gd[crossing])
+        tensors, readers = keys // len(groups), keys % len(groups)
+        src_group = np.searchsorted(starts, self.producer[tensors], side="right") - 1
+        src, dst, nbytes, reader = [], [], [], []
+        for t, r, s in zip(tensors, readers, src_group):
+            for d in groups[r].devices:
+                src.append(leads[s])
+                dst.append(d)
+                nbytes.append(self.tensor_bytes[t])
+                reader.append(r)
+        return (np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(nbytes, dtype=float),
+                np.array(reader, dtype=np.int64))
+
     def over_budget(self, c: Costs) -> float:
         """The largest overshoot of a device's memory budget, as a fraction of it (≤ 0: everything fits)."""
         return float(((np.asarray(c.memory) - self.budget) / self.budget).max())
 
     def memory_over_budget(self, v: Vertical) -> float:
         """`over_budget` of a layout from its memory alone (what a repair needs, without latency and links)."""
+        if v.horizontal:
+            return self.over_budget(self._grouped(v))
         b = np.asarray(v.bounds(self.n))
         memory, _ = self._memory(b, np.asarray(v.order), b[1:] > b[:-1], v.standby)
         return float(((memory - self.budget) / self.budget).max())
-
-
-def equal_layers(n: int, k: int) -> Vertical:
-    """AutoDiCE-style: the same number of layers per device, in cluster order."""
-    return Vertical(tuple(round(n * s / k) for s in range(1, k)), tuple(range(k)))
-
-
-def from_placement(graph: Graph, cluster: Cluster, placement: Mapping[str, str]) -> Vertical:
-    """The vertical layout of a placement of contiguous ranges (as `place.balance` gives), devices in cluster order."""
-    names = cluster.names
-    devices = [names.index(placement[layer.name]) for layer in graph.layers]
-    if any(b < a for a, b in zip(devices, devices[1:])):
-        raise ValueError("expected contiguous ranges in cluster order")
-    cuts = tuple(int(np.searchsorted(devices, d, side="left")) for d in range(1, len(names)))
-    return Vertical(cuts, tuple(range(len(names))))
 

@@ -17,7 +17,8 @@ from edgesplit.graph import Graph
 from edgesplit.layout import Choice
 from edgesplit.place import balance
 from edgesplit.search import validate
-from edgesplit.search.cost import CostModel, Costs, Overheads, Vertical, equal_layers, from_placement
+from edgesplit.search.cost import CostModel, Costs, Overheads
+from edgesplit.search.space import Vertical, equal_layers, from_placement
 from edgesplit.search.nsga import Objective, Pick, Point, Result, objective_value, pick, search
 from edgesplit.search.profile import Profile
 
@@ -30,7 +31,6 @@ class Space(Choice):
     REPLICATION = "replication"
 
 
-SEARCHED = (Space.VERTICAL, Space.REPLICATION)  # the spaces the cost model scores today (replication: standbys)
 
 
 def parse_names(kind: type[Choice], text: str, what: str) -> tuple[Any, ...]:
@@ -44,13 +44,10 @@ def parse_names(kind: type[Choice], text: str, what: str) -> tuple[Any, ...]:
 
 
 def check_spaces(spaces: Sequence[Space]) -> None:
-    missing = [s.value for s in spaces if s not in SEARCHED]
-    if missing:
-        raise InputError(f"--space: the cost model scores {[s.value for s in SEARCHED]} layouts; {missing} is not "
-                         "searched yet (split a region horizontally with `partition --strategy` instead)")
     if Space.VERTICAL not in spaces:
         raise InputError(f"--space: expected 'vertical' among {[s.value for s in spaces]} (the layouts searched are "
-                         "vertical; 'replication' adds standby copies of their stages)")
+                         "vertical ranges; 'horizontal' lets neighbouring ranges join into a group that splits its "
+                         "layers by channels, 'replication' adds standby copies of their stages)")
 
 
 def check_fits(graph: Graph, cluster: Cluster) -> None:
@@ -142,10 +139,10 @@ class Outcome:
 
 def run_search(model: CostModel, objectives: Sequence[Objective], population: int, generations: int, seed: int,
                how: Pick, on_generation: Callable[[], None] = lambda: None,
-               standbys: bool = False) -> tuple[Result, list[Baseline], int, str]:
+               standbys: bool = False, horizontal: bool = False) -> tuple[Result, list[Baseline], int, str]:
     bases = baselines(model)
     seeds = [b.layout for b in bases if b.feasible]
-    result = search(model, objectives, seeds, population, generations, seed, on_generation, standbys)
+    result = search(model, objectives, seeds, population, generations, seed, on_generation, standbys, horizontal)
     if not result.front:
         raise InputError("no layout fits every device's memory budget; give devices more memory or add devices")
     chosen, why = pick(result.front, objectives, how)

@@ -46,25 +46,33 @@ def objective_value(objective: Objective, c: Costs) -> float:
             Objective.THROUGHPUT: c.period, Objective.ROBUSTNESS: 1.0 - c.survived}[objective]
 
 
-def genes(k: int, standbys: bool) -> int:
-    return 2 * k - 1 + (k if standbys else 0)
+def genes(k: int, standbys: bool, horizontal: bool = False) -> int:
+    return 2 * k - 1 + (k - 1 if horizontal else 0) + (k if standbys else 0)
 
 
 def decode(x: np.ndarray, n: int, k: int) -> Vertical:
-    """Cut keys, device keys, and (when there are 3k-1 keys) per range a standby key: k+1 choices, the last none."""
+    """Cut keys, device keys, then (by the vector's length) k-1 join keys (> 0.5: range s+1 joins range s's
+    horizontal group) and per range a standby key: k+1 choices, the last none (a range in a group has none)."""
     cuts = np.sort(np.minimum((x[: k - 1] * (n + 1)).astype(int), n))
     order = tuple(int(d) for d in np.argsort(x[k - 1: 2 * k - 1], kind="stable"))
+    rest = x[2 * k - 1:]
+    joined: tuple[bool, ...] = ()
+    if len(rest) in (k - 1, 2 * k - 1):
+        joined, rest = tuple(bool(j > 0.5) for j in rest[: k - 1]), rest[k - 1:]
     standby: tuple[int, ...] = ()
-    if len(x) > 2 * k - 1:
-        picks = np.minimum((x[2 * k - 1:] * (k + 1)).astype(int), k)
-        standby = tuple(-1 if e == k or e == d else int(e) for e, d in zip(picks, order))
-    return Vertical(tuple(int(c) for c in cuts), order, standby)
+    if len(rest):
+        grouped = [bool(joined) and ((s < k - 1 and joined[s]) or (s > 0 and joined[s - 1])) for s in range(k)]
+        picks = np.minimum((rest * (k + 1)).astype(int), k)
+        standby = tuple(-1 if e == k or e == d or g else int(e) for e, d, g in zip(picks, order, grouped))
+    return Vertical(tuple(int(c) for c in cuts), order, standby, joined if any(joined) else ())
 
 
-def encode(v: Vertical, n: int, k: int, standbys: bool = False) -> np.ndarray:
+def encode(v: Vertical, n: int, k: int, standbys: bool = False, horizontal: bool = False) -> np.ndarray:
     keys = np.empty(k)
     keys[list(v.order)] = (np.arange(k) + 0.5) / k  # device order[s] gets the s-th smallest key
     out = [(np.asarray(v.cuts) + 0.5) / (n + 1), keys]
+    if horizontal:
+        out.append(np.where(np.asarray(v.joined or (False,) * (k - 1)), 0.75, 0.25))
     if standbys:
         picks = [e if e >= 0 else k for e in (v.standby or (-1,) * k)]
         out.append((np.asarray(picks) + 0.5) / (k + 1))
@@ -72,9 +80,10 @@ def encode(v: Vertical, n: int, k: int, standbys: bool = False) -> np.ndarray:
 
 
 class _Layouts(Problem):
-    def __init__(self, model: CostModel, objectives: Sequence[Objective], standbys: bool) -> None:
-        self.model, self.objectives, self.standbys = model, tuple(objectives), standbys
-        super().__init__(n_var=genes(model.k, standbys), n_obj=len(objectives), n_ieq_constr=1, xl=0.0, xu=1.0)
+    def __init__(self, model: CostModel, objectives: Sequence[Objective], standbys: bool, horizontal: bool) -> None:
+        self.model, self.objectives = model, tuple(objectives)
+        super().__init__(n_var=genes(model.k, standbys, horizontal), n_obj=len(objectives), n_ieq_constr=1,
+                         xl=0.0, xu=1.0)
 
     def _evaluate(self, X: np.ndarray, out: dict, *args, **kwargs) -> None:
         costs = [self.model.costs(decode(x, self.model.n, self.model.k)) for x in X]
@@ -117,9 +126,10 @@ class Result:
 
 def search(model: CostModel, objectives: Sequence[Objective], seeds: Sequence[Vertical], population: int = 100,
            generations: int = 100, seed: int = 0, on_generation: Callable[[], None] = lambda: None,
-           standbys: bool = False) -> Result:
-    """The Pareto front of vertical layouts for `objectives` (at least one), the `seeds` in the first population;
-    with `standbys`, each range may also get a standby copy on another device (the replication space)."""
+           standbys: bool = False, horizontal: bool = False) -> Result:
+    """The Pareto front of layouts for `objectives` (at least one), the `seeds` in the first population; with
+    `standbys`, each range may also get a standby copy on another device (the replication space); with
+    `horizontal`, neighbouring ranges may join into a group that splits its layers by channels."""
     import time
 
     if not objectives:
@@ -127,11 +137,18 @@ def search(model: CostModel, objectives: Sequence[Objective], seeds: Sequence[Ve
     if model.k < 2:
         raise InputError(f"expected at least 2 devices to search over, got {model.k}")
     t0 = time.perf_counter()
+    evaluations = 0
+    if horizontal:  # the vertical front first, as seeds: the horizontal front can then only improve on it
+        vertical = search(model, objectives, seeds, population, generations, seed, standbys=standbys)
+        seeds = list(dict.fromkeys([*seeds, *(p.layout for p in vertical.front)]))[:population]
+        evaluations = vertical.evaluations
     rng = np.random.default_rng(seed)
-    size = genes(model.k, standbys)
-    start = np.array([encode(v, model.n, model.k, standbys) for v in seeds] +
-                     [rng.random(size) for _ in range(max(population - len(seeds), 0))])
-    problem = _Layouts(model, objectives, standbys)
+    size = genes(model.k, standbys, horizontal)
+    randoms = rng.random((max(population - len(seeds), 0), size))
+    if horizontal:  # three in four start vertical: with even odds nearly every start would be split somewhere
+        randoms[: 3 * len(randoms) // 4, 2 * model.k - 1: 3 * model.k - 2] *= 0.5
+    start = np.array([encode(v, model.n, model.k, standbys, horizontal) for v in seeds] + list(randoms))
+    problem = _Layouts(model, objectives, standbys, horizontal)
 
     class _Tick(Callback):
         def notify(self, algorithm) -> None:
@@ -141,7 +158,7 @@ def search(model: CostModel, objectives: Sequence[Objective], seeds: Sequence[Ve
     res = minimize(problem, algorithm, ("n_gen", generations), seed=seed, callback=_Tick(), verbose=False)
     pool = [decode(x, model.n, model.k) for x in np.atleast_2d(res.pop.get("X"))] + list(seeds)
     front = pareto(model, objectives, pool)
-    return Result(front, int(res.algorithm.evaluator.n_eval), time.perf_counter() - t0)
+    return Result(front, evaluations + int(res.algorithm.evaluator.n_eval), time.perf_counter() - t0)
 
 
 def pareto(model: CostModel, objectives: Sequence[Objective], layouts: Sequence[Vertical]) -> tuple[Point, ...]:

@@ -9,7 +9,8 @@ from rich.table import Table
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
 from edgesplit.search import validate
-from edgesplit.search.cost import CostModel, Costs, Overheads, Vertical
+from edgesplit.search.cost import CostModel, Costs, Overheads
+from edgesplit.search.space import Vertical
 from edgesplit.search.nsga import Objective, Result
 
 
@@ -18,11 +19,10 @@ def _mib(n: float) -> str:
 
 
 def _stages(model: CostModel, v: Vertical) -> str:
-    b = v.bounds(model.n)
     names = model.cluster.names
-    standby = v.standby or (-1,) * len(v.order)
-    return " ".join(f"{names[d]}:{b[s + 1] - b[s]}" + (f"(+{names[standby[s]]})" if standby[s] >= 0 else "")
-                    for s, d in enumerate(v.order) if b[s + 1] > b[s])
+    standby = dict(zip(v.order, v.standby or (-1,) * len(v.order)))
+    return " ".join("&".join(names[d] for d in g.devices) + f":{g.end - g.first}"
+                    + (f"(+{names[standby[g.lead]]})" if standby[g.lead] >= 0 else "") for g in v.groups(model.n))
 
 
 def _row(model: CostModel, name: str, v: Vertical, c: Costs) -> list[str]:
@@ -46,7 +46,7 @@ def front_table(model: CostModel, result: Result, bases: Sequence, objectives: S
 
 def validation_table(graph: Graph, cluster: Cluster, profiles: Mapping, overheads: Overheads, indices: Sequence[int],
                      checks: Sequence[validate.Check], backend: validate.Backend) -> Table:
-    model = CostModel(graph, validate.as_run(cluster, overheads, backend), profiles, overheads)
+    model = validate.run_model(graph, cluster, profiles, overheads, backend)
     lat_p = [c.predicted.latency for c in checks]
     lat_m = [c.measured.latency for c in checks]
     mem_p = [max(validate.model_memory(model, c.predicted)) for c in checks]

@@ -11,8 +11,10 @@ fresh process opening and running that device's stages (`edgesplit.demo.device_m
 from __future__ import annotations
 
 import pickle
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,14 +22,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 from onnx import TensorProto, helper
 
-from edgesplit.bench.harness import median_seconds
 from edgesplit.cluster import Cluster, Link
 from edgesplit.errors import EdgesplitError
 from edgesplit.graph import Graph, from_model
 from edgesplit.layout import Choice
 from edgesplit.plan import Plan
 from edgesplit.runtime.common import random_inputs
-from edgesplit.search.cost import CostModel, Costs, Overheads, Vertical
+from edgesplit.search.cost import CostModel, Costs, Overheads
+from edgesplit.search.space import Vertical, to_plan
 
 
 UNBOUNDED = 1e15  # bytes per second: a hop whose size costs nothing measurable
@@ -46,31 +48,48 @@ class Measured:
     runtime_bytes: int  # the runtime's own memory on one device (largest seen)
 
 
-Runner = Callable[[Mapping[str, np.ndarray]], object]
+Timed = Callable[[Mapping[str, np.ndarray]], float]  # runs one request, returns its latency in seconds
 
 
 @contextmanager
-def executor(plan: Plan, backend: Backend, threads: int) -> Iterator[tuple[Runner, Callable[[], dict]]]:
-    """A function running one request, and one returning the per-device memory stats of the run (Ray only)."""
+def executor(plan: Plan, backend: Backend, threads: int) -> Iterator[tuple[Timed, Callable[[], dict]]]:
+    """A function running one request and returning its latency (emulated: on the virtual clock, else the wall
+    clock), and one returning the per-device memory stats of the run (Ray only)."""
     if backend is Backend.LOCAL:
         from edgesplit.runtime.local import LocalExecutor
 
-        local = LocalExecutor(plan, threads=threads)
-        yield local.run, dict
+        yield _wall_clock(LocalExecutor(plan, threads=threads).run), dict
         return
     if backend is Backend.EMULATED:
         from edgesplit.search.emulate import EmulatedExecutor
 
-        yield EmulatedExecutor(plan).run, dict
+        emulated = EmulatedExecutor(plan)
+
+        def virtual(feeds: Mapping[str, np.ndarray]) -> float:
+            emulated.run(feeds)
+            return emulated.seconds
+
+        yield virtual, dict
         return
     from edgesplit.runtime.ray import RayExecutor
 
     with RayExecutor(plan, threads=threads, dataplane="tasks", trust_unsigned=True) as ray_ex:
-        yield ray_ex.run, ray_ex.stats
+        yield _wall_clock(ray_ex.run), ray_ex.stats
 
 
-def latency(run: Runner, feeds: Mapping[str, np.ndarray], repeats: int) -> float:
-    return median_seconds(lambda: run(feeds), repeats)
+def _wall_clock(run: Callable[[Mapping[str, np.ndarray]], object]) -> Timed:
+    def timed(feeds: Mapping[str, np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        run(feeds)
+        return time.perf_counter() - t0
+
+    return timed
+
+
+def latency(timed: Timed, feeds: Mapping[str, np.ndarray], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        timed(feeds)
+    return statistics.median(timed(feeds) for _ in range(repeats))
 
 
 def measure(plan: Plan, graph: Graph, backend: Backend, threads: int, repeats: int = 20,
@@ -181,17 +200,21 @@ def check(graph: Graph, cluster: Cluster, profiles: Mapping[int, object], layout
           backend: Backend, threads: int, repeats: int = 20, base: Overheads | None = None,
           on_step: Callable[[], None] = lambda: None, dims: Mapping[str, int] | None = None) -> list[Check]:
     """Each layout predicted for the cluster as run, then run for real and measured."""
-    from edgesplit.planner import plan as make_plan
-
     base = base or overheads(backend, threads)
-    run_cluster = as_run(cluster, base, backend)
-    model = CostModel(graph, run_cluster, profiles, base)  # type: ignore[arg-type]
+    model = run_model(graph, cluster, profiles, base, backend)
     out = []
     for v in layouts:
-        plan = make_plan(graph, run_cluster, v.placement(graph, run_cluster))
+        plan = to_plan(graph, model.cluster, v, model.splits if v.horizontal else None, dims)
         out.append(Check(v, model.costs(v), measure(plan, graph, backend, threads, repeats, dims)))
         on_step()
     return out
+
+
+def run_model(graph: Graph, cluster: Cluster, profiles: Mapping[int, object], base: Overheads,
+              backend: Backend) -> CostModel:
+    """The cost model of a run on this machine: the cluster as run; the local executor runs parts one by one."""
+    return CostModel(graph, as_run(cluster, base, backend), profiles, base,  # type: ignore[arg-type]
+                     parallel=backend is not Backend.LOCAL)
 
 
 def model_memory(model: CostModel, c: Costs) -> tuple[int, ...]:
