@@ -133,14 +133,19 @@ def baselines(work: Path, quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
-def timing(work: Path, quick: bool) -> list[dict]:
+def big_graphs(work: Path, quick: bool) -> dict[str, Path]:
+    """The search-time models: a ResNet-101-sized graph (≈340 layers) and DenseNet-264 (929 layers)."""
     big = (6, 12, 24, 16) if quick else (6, 12, 64, 48)
-    graphs = {
+    return {
         "ResNet-101-sized (BN kept)": zoo.export(zoo.ResNet(widths=(64, 128, 256, 512), blocks=(3, 4, 36, 3)),
                                                  (1, 3, 64, 64), work / "r101.onnx"),
         "DenseNet-264 (BN kept)": zoo.export(zoo.DenseNet(growth=32, blocks=big, stem=64, classes=1000),
                                              (1, 3, 64, 64), work / "d264.onnx"),
     }
+
+
+def timing(work: Path, quick: bool) -> list[dict]:
+    graphs = big_graphs(work, quick)
     rows = []
     cluster = Cluster.simulated(4)
     for name, path in graphs.items():

@@ -24,7 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_search import big_graphs  # noqa: E402
 from edgesplit.bench import zoo  # noqa: E402
 from edgesplit.bench.harness import markdown_table, write_report  # noqa: E402
 from edgesplit.cluster import Cluster, Link  # noqa: E402
@@ -87,13 +89,7 @@ def compare(work: Path, quick: bool, repeats: int) -> tuple[list[dict], list[dic
 
 
 def timing(work: Path, quick: bool) -> list[dict]:
-    big = (6, 12, 24, 16) if quick else (6, 12, 64, 48)
-    graphs = {
-        "ResNet-101-sized (BN kept)": zoo.export(zoo.ResNet(widths=(64, 128, 256, 512), blocks=(3, 4, 36, 3)),
-                                                 (1, 3, 64, 64), work / "r101.onnx"),
-        "DenseNet-264 (BN kept)": zoo.export(zoo.DenseNet(growth=32, blocks=big, stem=64, classes=1000),
-                                             (1, 3, 64, 64), work / "d264.onnx"),
-    }
+    graphs = big_graphs(work, quick)
     rows = []
     cluster = Cluster.simulated(4)
     for name, path in graphs.items():
