@@ -64,6 +64,7 @@ class Graph:
     name: str = "model"
     path: str = ""  # where it was loaded from, if a file
     regions: tuple[Region, ...] = ()  # horizontal regions of a rewritten graph
+    dims: Mapping[str, int] = field(default_factory=dict, compare=False)  # the symbolic dims' sizes `nbytes` used
     _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +136,7 @@ def from_model(
         outputs=tuple(o.name for o in inferred.graph.output),
         sha256=digest,
         name=name,
+        dims=dict(dims or {}),
     )
 
 

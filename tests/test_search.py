@@ -18,7 +18,7 @@ from edgesplit.place import balance
 from edgesplit.planner import plan as make_plan
 from edgesplit.search import validate
 from edgesplit.search.cost import CostModel, Overheads, Vertical, equal_layers, from_placement
-from edgesplit.search.space import to_plan
+from edgesplit.search.space import Splits, to_plan
 from edgesplit.search.nsga import Objective, encode, decode, search
 from edgesplit.search.profile import check_profile, live_bytes, profile
 from edgesplit.errors import InputError
@@ -152,6 +152,60 @@ def test_a_group_splits_its_split_layers_by_speed_and_the_rest_runs_on_its_lead(
     # the lead holds the unsplit layers and a quarter of the split ones, the helper three quarters
     assert weights == pytest.approx([p.weight_factor * (unsplit + params / 4), p.weight_factor * params * 3 / 4],
                                     abs=3)
+
+
+def _flat_profile(graph, threads=1):
+    """A profile that times every layer at 1 ms: for what the cost model predicts without timing (bytes)."""
+    from edgesplit.search.profile import Profile
+
+    return Profile(graph.sha256, threads, dict(graph.dims), (1e-3,) * len(graph.layers), 1e-3 * len(graph.layers),
+                   0.0, 2**20, 1.0, 1.0, "test")
+
+
+@pytest.mark.parametrize("name", ["resnet", "inception", "densenet", "vit"])
+def test_grouped_layouts_move_the_bytes_their_plans_move(name, zoo_dir, tmp_path):
+    """Per device, the bytes a grouped layout is predicted to receive are those its plan sends it (each tensor
+    once per device): parts to the devices that read a split's result, shortcuts made on one lead to the copies
+    of the ops that add them, other tensors between groups to the reader's lead or its whole group."""
+    path = Path(__file__).resolve().parents[1] / "edgesplit" / "data" / "mnist_vit.onnx" if name == "vit" \
+        else zoo_dir / f"{name}.onnx"
+    graph = load(path, dims={"batch": 4})
+    cluster = Cluster.simulated(4)  # equal shares: the plan's whole channels are the model's shares exactly
+    model = CostModel(graph, cluster, {1: _flat_profile(graph), 2: _flat_profile(graph, 2)})
+    n, k = len(graph.layers), len(cluster.devices)
+    rng = np.random.default_rng(3)
+    grouped = [Vertical((0, 0, 0), (0, 1, 2, 3), (), (True, True, True)),
+               Vertical((0, n, n), (0, 1, 2, 3), (), (True, False, False))]
+    while len(grouped) < 8:
+        v = decode(rng.random(3 * k - 2), n, k)
+        if v.horizontal:
+            grouped.append(v)
+    for v in grouped:
+        plan = to_plan(graph, cluster, v, model.splits, {"batch": 4})
+        sent = {(t.tensor, plan.stage(t.dst).device): t.nbytes for t in plan.cross_device_transfers}
+        received = {d: sum(b for (_, dev), b in sent.items() if dev == d) for d in cluster.names}
+        predicted = dict(zip(cluster.names, model.costs(v).received))
+        assert sum(predicted.values()) == pytest.approx(sum(received.values()), rel=0.01), (v, predicted, received)
+        for d in cluster.names:  # a part is a share of the channels in the model, whole channels in the plan
+            assert predicted[d] == pytest.approx(received[d], rel=0.05, abs=64), (v, predicted, received)
+
+
+def test_a_rewritten_graph_keeps_the_dims_it_was_loaded_with(resnet):
+    """Transfers of a split plan count the bytes that really cross at the loaded batch size."""
+    import onnxruntime as ort
+
+    from edgesplit.runtime.common import random_inputs
+
+    graph, _ = resnet
+    cluster = Cluster.simulated(2)
+    plan = to_plan(graph, cluster, Vertical((0,), (0, 1), (), (True,)), Splits(graph, 2), BATCH)
+    assert plan.regions
+    values = dict(random_inputs(plan.inputs, BATCH))
+    for stage in plan.order():
+        session = ort.InferenceSession(plan.stage_model(stage.name).SerializeToString())
+        values.update(zip(stage.outputs, session.run(list(stage.outputs), {t: values[t] for t in stage.inputs})))
+    crossing = plan.cross_device_transfers
+    assert crossing and all(t.nbytes == values[t.tensor].nbytes for t in crossing)
 
 
 def test_horizontal_layouts_run_correctly_and_their_predictions_agree_with_emulated_runs(resnet):

@@ -238,7 +238,8 @@ class Editor:
         g.initializer.extend(t for name, t in self.inits.items() if name in used)
         del g.value_info[:]
         regions = (*self.regions, *(r.freeze() for r in new_regions))
-        new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
+        new = from_model(self.model, dims=self.graph.dims if dims is None else dims, name=self.graph.name,
+                         sha256=self.graph.sha256)
         return replace(new, path=self.graph.path, regions=regions)
 
     def add(self, *nodes: onnx.NodeProto) -> str:
@@ -279,7 +280,8 @@ class Editor:
         alive = {n.name for n in nodes}
         trimmed = tuple(r.with_parts([replace(p, nodes=tuple(n for n in p.nodes if n in alive)) for p in r.parts])
                         for r in regions)
-        new = from_model(self.model, dims=dims, name=self.graph.name, sha256=self.graph.sha256)
+        new = from_model(self.model, dims=self.graph.dims if dims is None else dims, name=self.graph.name,
+                         sha256=self.graph.sha256)
         return replace(new, path=self.graph.path, regions=(*self.regions, *trimmed))
 
 

@@ -56,6 +56,32 @@ class Costs:
         return max(self.memory)
 
 
+class _Groups:
+    """Where a grouped layout puts things, as arrays: each layer's group, each group's members and lead, and the
+    group each split is used in (-1: unused)."""
+
+    def __init__(self, groups: list[Group], n: int, k: int, active: np.ndarray) -> None:
+        starts = np.array([g.first for g in groups])
+        self.of_layer = np.searchsorted(starts, np.arange(n), side="right") - 1
+        self.leads = np.array([g.lead for g in groups], dtype=np.int64)
+        self.members = np.zeros((len(groups), k), dtype=bool)
+        for i, g in enumerate(groups):
+            self.members[i, list(g.devices)] = True
+        self.lead = np.eye(k, dtype=bool)[self.leads]
+        self.active = active
+        self.copied = self.spread = np.zeros(n, dtype=bool)
+
+    def lead_of(self, layers: np.ndarray) -> np.ndarray:
+        return self.leads[self.of_layer[layers]]
+
+    def mark(self, sp: Splits) -> None:
+        """`copied`: the cheap ops after a used split, copied onto every device that reads them; `spread`: those
+        and the used splits' parts (computed where they are read, not on one lead)."""
+        self.copied = np.zeros(len(self.of_layer), dtype=bool)
+        self.copied[sp.closure_layer[self.active[sp.closure_split] >= 0]] = True
+        self.spread = self.copied | ((sp.split_of >= 0) & (self.active[np.maximum(sp.split_of, 0)] >= 0))
+
+
 class CostModel:
     """Everything about a model and a cluster that candidates share, precomputed once; `costs` is then cheap."""
 
@@ -100,6 +126,7 @@ class CostModel:
         pairs += [(t, position[t], self.n) for t in graph.outputs if t in position]
         names = list(dict.fromkeys(t for t, _, _ in pairs))
         index = {t: i for i, t in enumerate(names)}
+        self.tensor_index = index
         self.edge_tensor = np.array([index[t] for t, _, _ in pairs], dtype=np.int64)
         self.edge_from = np.array([p for _, p, _ in pairs], dtype=np.int64)
         self.edge_to = np.array([c for _, _, c in pairs], dtype=np.int64)
@@ -166,13 +193,16 @@ class CostModel:
             layers = self._splits.layers
             self.split_seconds = np.array([[self.seconds[d, p].sum() for p in layers] for d in range(self.k)])
             param = np.diff(self.param_prefix)
+            sides = np.array([self.tensor_index[t] for t in self._splits.side_names], dtype=np.int64)
+            self.side_tensor = sides[self._splits.side_tensor] if len(sides) else sides
             self.split_params = np.array([param[p].sum() for p in layers], dtype=float)
         return self._splits
 
     def _grouped(self, v: Vertical) -> Costs:
         """Costs of a layout with horizontal groups: a group's unsplit layers run on its lead, each split's parts
-        on every member by speed, then one exchange (an all-gather of the parts, or an all-reduce of partial sums)
-        among the members; tensors between groups go from the producer's lead to every member of the reader's."""
+        on every member by speed; each split's parts (or partial sums) then go to every device that reads its
+        result (`_exchanges`), and other tensors between groups from the producer's lead to the reader's lead, or
+        to every member of its group where the reader is a split's part."""
         o, sp, groups = self.overheads, self.splits, v.groups(self.n)
         busy, weights, live = np.zeros(self.k), np.zeros(self.k), np.zeros(self.k)
         received, occupancy = np.zeros(self.k), np.zeros((self.k, self.k))
@@ -180,7 +210,9 @@ class CostModel:
         standby = v.standby or (-1,) * self.k
         holders_of = {d: e for d, e in zip(v.order, standby) if e >= 0}
         covered = np.zeros(self.k, dtype=bool)
-        for g in groups:
+        active = np.full(len(sp.requests), -1, dtype=np.int64)  # the group each split is used in, or -1
+        share = np.zeros((len(groups), self.k))  # each member's share of its group's splits
+        for i, g in enumerate(groups):
             members = np.asarray(g.devices)
             total = self.time_prefix[members, g.end] - self.time_prefix[members, g.first]
             params = self.param_prefix[g.end] - self.param_prefix[g.first]
@@ -194,19 +226,22 @@ class CostModel:
                 busy[g.lead] += total[0]
                 latency += total[0]
                 continue
+            split = sp.inside(g.first, g.end)
+            active[split] = i
             live[members] = np.maximum(live[members], peak)
-            inside = sp.inside(g.first, g.end)
-            share = self.speed[members] / self.speed[members].sum()
-            parts = share * self.split_seconds[np.ix_(members, np.flatnonzero(inside))].sum(axis=1)
-            rest = total[0] - self.split_seconds[g.lead, inside].sum()
-            split_params = self.split_params[inside].sum()
-            weights[members] += share * split_params
+            share[i, members] = self.speed[members] / self.speed[members].sum()
+            parts = share[i, members] * self.split_seconds[np.ix_(members, np.flatnonzero(split))].sum(axis=1)
+            rest = total[0] - self.split_seconds[g.lead, split].sum()
+            split_params = self.split_params[split].sum()
+            weights[members] += share[i, members] * split_params
             weights[g.lead] += params - split_params
             busy[members] += parts
             busy[g.lead] += rest
             latency += rest + (parts.max() if self.parallel else parts.sum())
-            latency += self._exchanges(members, share, inside, received, occupancy)
-        src, dst, nbytes, reader = self._group_transfers(groups)
+        at = _Groups(groups, self.n, self.k, active)
+        at.mark(sp)
+        latency += self._exchanges(at, share, received, occupancy)
+        src, dst, nbytes, reader = self._group_transfers(at)
         latency += self._hops(src, dst, nbytes, reader)
         np.add.at(occupancy, (src, dst), nbytes / self.bw[src, dst])
         np.add.at(received, dst, nbytes)
@@ -235,45 +270,78 @@ class CostModel:
         np.maximum.at(slowest, slot, seconds)
         return float(slowest.sum())
 
-    def _exchanges(self, members: np.ndarray, share: np.ndarray, inside: np.ndarray, received: np.ndarray,
-                   occupancy: np.ndarray) -> float:
-        """Seconds of the group's exchanges (one per split, one after another); adds their bytes to `received`
-        and their link time to `occupancy`."""
+    def _exchanges(self, at: _Groups, share: np.ndarray, received: np.ndarray, occupancy: np.ndarray) -> float:
+        """Seconds of the exchanges, one per used split, one after another: every member of the split's group sends
+        its part (or its whole partial sum) to every device that reads the result (`_readers`). Adds their bytes
+        to `received`, their link time to `occupancy`."""
         sp = self.splits
-        chosen = np.flatnonzero(inside)
-        if not len(chosen):
+        used = np.flatnonzero(at.active >= 0)
+        if not len(used):
             return 0.0
-        # bytes each member sends to each other member, per split: its part, or its whole partial sum
-        sent = sp.sync_bytes[chosen, None] * np.where(sp.partial_sums[chosen, None], 1.0, share[None, :])
-        bw, lat = self.bw[np.ix_(members, members)], self.lat[np.ix_(members, members)]
-        other = ~np.eye(len(members), dtype=bool)
-        inv = np.where(other, 1.0 / bw, 0.0)
-        # each pair of members has its own link: a split's exchange ends when its slowest pair has delivered
-        arrive = np.where(other[None], lat[None] + sent[:, :, None] * inv[None], 0.0)  # split, sender, receiver
-        total = sent.sum(axis=0)
-        received[members] += total.sum() - total
-        occupancy[np.ix_(members, members)] += total[:, None] * inv
-        return float(arrive.max(axis=(1, 2)).sum() + len(chosen) * self.overheads.step)
+        readers = self._readers(at)[used]
+        group = at.active[used]
+        sent = sp.sync_bytes[used, None] * np.where(sp.partial_sums[used, None], at.members[group], share[group])
+        inv = np.where(np.eye(self.k, dtype=bool), 0.0, 1.0 / self.bw)
+        to = at.members[group][:, :, None] & readers[:, None, :] & ~np.eye(self.k, dtype=bool)[None]
+        per = np.where(to, sent[:, :, None], 0.0)  # split, sender, receiver
+        # each pair of devices has its own link: a split's exchange ends when its slowest pair has delivered
+        arrive = np.where(to, self.lat[None] + per * inv[None], 0.0).max(axis=(1, 2))
+        received += per.sum(axis=(0, 1))
+        occupancy += per.sum(axis=0) * inv
+        return float(arrive.sum() + (arrive > 0).sum() * self.overheads.step)
 
-    def _group_transfers(self, groups: list[Group]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(source, destination, bytes, reading group) of every tensor between groups, to each of its members."""
-        starts = np.array([g.first for g in groups])
-        leads = np.array([g.lead for g in groups])
-        gs = np.searchsorted(starts, self.inner_from, side="right") - 1
-        gd = np.searchsorted(starts, self.inner_to, side="right") - 1
-        crossing = gs != gd
-        keys = np.unique(self.inner_tensor[crossing] * len(groups) + gd[crossing])
-        tensors, readers = keys // len(groups), keys % len(groups)
-        src_group = np.searchsorted(starts, self.producer[tensors], side="right") - 1
-        src, dst, nbytes, reader = [], [], [], []
-        for t, r, s in zip(tensors, readers, src_group):
-            for d in groups[r].devices:
-                src.append(leads[s])
-                dst.append(d)
-                nbytes.append(self.tensor_bytes[t])
-                reader.append(r)
-        return (np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), np.array(nbytes, dtype=float),
-                np.array(reader, dtype=np.int64))
+    def _readers(self, at: _Groups) -> np.ndarray:
+        """(split, device): does the device read the split's result (a used split's frontier, `_devices`)."""
+        sp = self.splits
+        keep = at.active[sp.frontier_split] >= 0
+        readers = np.zeros((len(sp.requests), self.k), dtype=bool)
+        split = sp.frontier_split[keep]
+        np.logical_or.at(readers, split, self._devices(at, split, sp.frontier_layer[keep]))
+        return readers
+
+    def _devices(self, at: _Groups, split: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """(row, device): where each layer after a used split runs: on every member of its group if it is a part
+        of another split used there, else on its group's lead (a graph output: on the split's own lead)."""
+        inner = layer < self.n
+        last = np.minimum(layer, self.n - 1)
+        group = np.where(inner, at.of_layer[last], at.active[split])
+        target = self.splits.split_of[last]
+        wide = inner & (target >= 0) & (at.active[np.maximum(target, 0)] == group)
+        return np.where(wide[:, None], at.members[group], at.lead[group])
+
+    def _sides(self, at: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(tensor, source, destination, reading group) of the tensors the copies of a used split's cheap ops read
+        from elsewhere (a residual shortcut): from the lead of the group that made it to every other device where
+        a copy reading it runs."""
+        sp = self.splits
+        keep = (at.active[sp.side_split] >= 0) & ~at.spread[sp.side_layer]
+        split, reader = sp.side_split[keep], sp.side_reader[keep]
+        src = at.lead_of(sp.side_layer[keep])
+        rows, dst = np.nonzero(self._devices(at, split, reader) & (np.arange(self.k)[None] != src[:, None]))
+        group = np.where(reader < self.n, at.of_layer[np.minimum(reader, self.n - 1)], at.active[split])
+        return self.side_tensor[keep][rows], src[rows], dst, group[rows]
+
+    def _group_transfers(self, at: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source, destination, bytes, reading group) of every other tensor between devices, once per
+        destination: from the producer's lead to the reader's lead (between groups), or to every member of the
+        reader's group where the reader is a split's part (from inside the group too); and the inputs of the
+        copies of a used split's cheap ops (`_sides`). A used split's result and its cheap ops' outputs are not
+        among them: the exchange carries its parts instead."""
+        sp = self.splits
+        gs, gd = at.of_layer[self.inner_from], at.of_layer[self.inner_to]
+        target = sp.split_of[self.inner_to]
+        wide = (target >= 0) & (at.active[np.maximum(target, 0)] == gd)
+        keep = ((gs != gd) | wide) & ~at.spread[self.inner_from] & ~at.copied[self.inner_to]
+        tensor, gs, gd, wide = self.inner_tensor[keep], gs[keep], gd[keep], wide[keep]
+        rows, dst = np.nonzero(np.where(wide[:, None], at.members[gd], at.lead[gd]))
+        side_tensor, side_src, side_dst, side_group = self._sides(at)
+        tensor = np.concatenate([tensor[rows], side_tensor])
+        src = np.concatenate([at.leads[gs[rows]], side_src])
+        dst = np.concatenate([dst, side_dst])
+        group = np.concatenate([gd[rows], side_group])
+        _, once = np.unique(tensor * self.k + dst, return_index=True)
+        once = once[src[once] != dst[once]]
+        return src[once], dst[once], self.tensor_bytes[tensor[once]].astype(float), group[once]
 
     def over_budget(self, c: Costs) -> float:
         """The largest overshoot of a device's memory budget, as a fraction of it (≤ 0: everything fits)."""

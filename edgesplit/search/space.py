@@ -110,10 +110,66 @@ class Splits:
         self.layers = [np.array(sorted(position[n] for n in region.layers), dtype=np.int64) for _, region in found]
         self.first = np.array([p.min() for p in self.layers], dtype=np.int64)
         self.last = np.array([p.max() for p in self.layers], dtype=np.int64)
-        combined = [rewritten.layer(region.combine_node).outputs[0] for _, region in found]
-        self.sync_bytes = np.array([graph.tensors[t].nbytes if t in graph.tensors else rewritten.tensors[t].nbytes
-                                    for t in combined], dtype=np.int64)
         self.partial_sums = np.array([region.combine.value == "sum" for _, region in found], dtype=bool)
+        # what a synchronisation moves: all parts (concatenated) or one whole partial sum; a region's combine
+        # may join other tensors too (an Inception block's Concat joins its branches)
+        part_bytes = [[rewritten.tensors[p.output].nbytes for p in region.parts] for _, region in found]
+        self.sync_bytes = np.array([max(b) if s else sum(b) for b, s in zip(part_bytes, self.partial_sums)],
+                                   dtype=np.int64)
+        self._readers(graph)
+
+    def _readers(self, graph: Graph) -> None:
+        """Who reads each split's result, as the exchange rewrite (edgesplit.rewrite.exchange) decides: its combine
+        and the cheap ops after it (its *closure*) are copied onto every device whose layers read them, so the
+        parts go to the devices of the first heavy layers after it (its *frontier*: another split's parts run on
+        every member of the group, an unsplit layer on the lead); a tensor from outside the split that a copied
+        op reads (a residual shortcut) goes to those devices too. Flat arrays, one row per (split, frontier
+        layer) and per (split, side tensor)."""
+        from edgesplit.rewrite.exchange import HEAVY
+
+        n = len(graph.layers)
+        position = {layer.name: i for i, layer in enumerate(graph.layers)}
+        consumers, producer = graph.consumers(), graph.producers()
+        self.split_of = np.full(n, -1, dtype=np.int64)
+        for i, members in enumerate(self.layers):
+            self.split_of[members] = i
+        closures: list[tuple[int, int]] = []
+        frontier: list[tuple[int, int]] = []
+        sides: dict[tuple[int, str, int, int], None] = {}  # split, tensor, its producer, a frontier layer
+        for i, members in enumerate(self.layers):
+            own = set(members.tolist())
+            closure: set[int] = set()
+            stack = [t for p in own for t in graph.layers[p].outputs]
+            while stack:
+                t = stack.pop()
+                if t in graph.outputs:
+                    frontier.append((i, n))
+                for q in (position[c] for c in consumers.get(t, ())):
+                    if q in own or q in closure:
+                        continue
+                    if graph.layers[q].op_type in HEAVY or self.split_of[q] >= 0:
+                        frontier.append((i, q))
+                    else:
+                        closure.add(q)
+                        stack.extend(graph.layers[q].outputs)
+            for q in closure:
+                closures.append((i, q))
+                reached = _reached(graph, q, closure, consumers, position, n)
+                for t in graph.layers[q].inputs:
+                    p = position.get(producer.get(t, ""), -1)
+                    if p >= 0 and p not in own and p not in closure:
+                        sides.update(((i, t, p, f), None) for f in reached)
+        pairs = np.array(sorted(closures), dtype=np.int64).reshape(-1, 2)
+        self.closure_split, self.closure_layer = pairs[:, 0], pairs[:, 1]
+        pairs = np.array(sorted(set(frontier)), dtype=np.int64).reshape(-1, 2)
+        self.frontier_split, self.frontier_layer = pairs[:, 0], pairs[:, 1]
+        rows = list(sides)
+        self.side_names = tuple(sorted({t for _, t, _, _ in rows}))
+        index = {t: j for j, t in enumerate(self.side_names)}
+        self.side_split = np.array([i for i, _, _, _ in rows], dtype=np.int64)
+        self.side_tensor = np.array([index[t] for _, t, _, _ in rows], dtype=np.int64)  # into side_names
+        self.side_layer = np.array([p for _, _, p, _ in rows], dtype=np.int64)
+        self.side_reader = np.array([f for _, _, _, f in rows], dtype=np.int64)
 
     def inside(self, first: int, end: int) -> np.ndarray:
         return (self.first >= first) & (self.last < end)
@@ -134,6 +190,24 @@ class Splits:
                                 "devices": [names[d] for d in g.devices],
                                 "weights": [cluster.devices[d].speed for d in g.devices]})
         return {"regions": regions, "devices": devices}
+
+
+def _reached(graph: Graph, start: int, closure: set[int], consumers: Mapping[str, list[str]],
+             position: Mapping[str, int], n: int) -> set[int]:
+    """The layers outside `closure` that read `start`'s outputs through closure layers (n: a graph output)."""
+    found: set[int] = set()
+    seen, stack = {start}, [start]
+    while stack:
+        for t in graph.layers[stack.pop()].outputs:
+            if t in graph.outputs:
+                found.add(n)
+            for q in (position[c] for c in consumers.get(t, ())):
+                if q in closure and q not in seen:
+                    seen.add(q)
+                    stack.append(q)
+                elif q not in closure:
+                    found.add(q)
+    return found
 
 
 def to_plan(graph: Graph, cluster: Cluster, v: Vertical, splits: Splits | None,
