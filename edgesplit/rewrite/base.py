@@ -238,9 +238,13 @@ class Editor:
         g.initializer.extend(t for name, t in self.inits.items() if name in used)
         del g.value_info[:]
         regions = (*self.regions, *(r.freeze() for r in new_regions))
-        new = from_model(self.model, dims=self.graph.dims if dims is None else dims, name=self.graph.name,
-                         sha256=self.graph.sha256)
+        new = self._reloaded(dims)
         return replace(new, path=self.graph.path, regions=regions)
+
+    def _reloaded(self, dims: Mapping[str, int] | None) -> Graph:
+        """The edited model as a graph, at the original graph's dims unless others are given."""
+        return from_model(self.model, dims=self.graph.dims if dims is None else dims, name=self.graph.name,
+                          sha256=self.graph.sha256)
 
     def add(self, *nodes: onnx.NodeProto) -> str:
         """Append nodes named by the caller (their names taken from now on); `finish` sorts them into place.
@@ -280,8 +284,7 @@ class Editor:
         alive = {n.name for n in nodes}
         trimmed = tuple(r.with_parts([replace(p, nodes=tuple(n for n in p.nodes if n in alive)) for p in r.parts])
                         for r in regions)
-        new = from_model(self.model, dims=self.graph.dims if dims is None else dims, name=self.graph.name,
-                         sha256=self.graph.sha256)
+        new = self._reloaded(dims)
         return replace(new, path=self.graph.path, regions=(*self.regions, *trimmed))
 
 

@@ -60,7 +60,7 @@ class _Groups:
     """Where a grouped layout puts things, as arrays: each layer's group, each group's members and lead, and the
     group each split is used in (-1: unused)."""
 
-    def __init__(self, groups: list[Group], n: int, k: int, active: np.ndarray) -> None:
+    def __init__(self, groups: list[Group], n: int, k: int, active: np.ndarray, sp: Splits) -> None:
         starts = np.array([g.first for g in groups])
         self.of_layer = np.searchsorted(starts, np.arange(n), side="right") - 1
         self.leads = np.array([g.lead for g in groups], dtype=np.int64)
@@ -69,17 +69,19 @@ class _Groups:
             self.members[i, list(g.devices)] = True
         self.lead = np.eye(k, dtype=bool)[self.leads]
         self.active = active
-        self.copied = self.spread = np.zeros(n, dtype=bool)
+        # copied: the cheap ops after a used split, copied onto every device that reads them; spread: those and
+        # the used splits' parts (computed where they are read, not on one lead)
+        self.copied = np.zeros(n, dtype=bool)
+        self.copied[sp.closure_layer[active[sp.closure_split] >= 0]] = True
+        self.spread = self.copied | ((sp.split_of >= 0) & (active[np.maximum(sp.split_of, 0)] >= 0))
 
     def lead_of(self, layers: np.ndarray) -> np.ndarray:
         return self.leads[self.of_layer[layers]]
 
-    def mark(self, sp: Splits) -> None:
-        """`copied`: the cheap ops after a used split, copied onto every device that reads them; `spread`: those
-        and the used splits' parts (computed where they are read, not on one lead)."""
-        self.copied = np.zeros(len(self.of_layer), dtype=bool)
-        self.copied[sp.closure_layer[self.active[sp.closure_split] >= 0]] = True
-        self.spread = self.copied | ((sp.split_of >= 0) & (self.active[np.maximum(sp.split_of, 0)] >= 0))
+    def group_of(self, split: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """The group of each layer that reads a used split's result (a graph output, n: the split's own group)."""
+        n = len(self.of_layer)
+        return np.where(layer < n, self.of_layer[np.minimum(layer, n - 1)], self.active[split])
 
 
 class CostModel:
@@ -238,8 +240,7 @@ class CostModel:
             busy[members] += parts
             busy[g.lead] += rest
             latency += rest + (parts.max() if self.parallel else parts.sum())
-        at = _Groups(groups, self.n, self.k, active)
-        at.mark(sp)
+        at = _Groups(groups, self.n, self.k, active, sp)
         latency += self._exchanges(at, share, received, occupancy)
         src, dst, nbytes, reader = self._group_transfers(at)
         latency += self._hops(src, dst, nbytes, reader)
@@ -302,11 +303,9 @@ class CostModel:
     def _devices(self, at: _Groups, split: np.ndarray, layer: np.ndarray) -> np.ndarray:
         """(row, device): where each layer after a used split runs: on every member of its group if it is a part
         of another split used there, else on its group's lead (a graph output: on the split's own lead)."""
-        inner = layer < self.n
-        last = np.minimum(layer, self.n - 1)
-        group = np.where(inner, at.of_layer[last], at.active[split])
-        target = self.splits.split_of[last]
-        wide = inner & (target >= 0) & (at.active[np.maximum(target, 0)] == group)
+        group = at.group_of(split, layer)
+        target = self.splits.split_of[np.minimum(layer, self.n - 1)]
+        wide = (layer < self.n) & (target >= 0) & (at.active[np.maximum(target, 0)] == group)
         return np.where(wide[:, None], at.members[group], at.lead[group])
 
     def _sides(self, at: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -318,8 +317,7 @@ class CostModel:
         split, reader = sp.side_split[keep], sp.side_reader[keep]
         src = at.lead_of(sp.side_layer[keep])
         rows, dst = np.nonzero(self._devices(at, split, reader) & (np.arange(self.k)[None] != src[:, None]))
-        group = np.where(reader < self.n, at.of_layer[np.minimum(reader, self.n - 1)], at.active[split])
-        return self.side_tensor[keep][rows], src[rows], dst, group[rows]
+        return self.side_tensor[keep][rows], src[rows], dst, at.group_of(split, reader)[rows]
 
     def _group_transfers(self, at: _Groups) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(source, destination, bytes, reading group) of every other tensor between devices, once per
