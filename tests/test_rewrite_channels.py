@@ -182,6 +182,28 @@ def test_depthwise_follows_and_grouped_lop_splits_by_groups(zoo_graphs):
     assert_exact(plan, graph)
 
 
+def test_uneven_shares_are_rounded_to_the_groups_of_a_grouped_conv_after_them(zoo_graphs):
+    """Speed shares 3 : 1 would cut the 2-group Conv's input channels mid-group and combine before it; the head's
+    ranges are rounded to whole groups of that Conv (through BatchNorm, Clip and the depthwise Conv) so it follows."""
+    graph = zoo_graphs["mobilenet"]
+    head, grouped = "/body/body.3/f/f.0/Conv", "/body/body.3/f/f.6/Conv"
+    half = graph.tensors[graph.layer(grouped).inputs[0]].shape[1] // 2
+    cluster = Cluster(tuple(Device(f"dev{i}", 1, 2**30, speed=s) for i, s in enumerate((3.0, 1.0))))
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", (head,), 2)], cluster)
+    region = rewritten.regions[0]
+    assert grouped in region.layers
+    assert [p.share for p in region.parts] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert len(region.parts[0].units) == len(region.parts[1].units)  # whole groups of the grouped Conv's outputs
+    assert_exact(plan, graph)
+    # three parts cannot take whole groups of a 2-group Conv: the shares stand and the split is combined before it
+    three = Cluster(tuple(Device(f"dev{i}", 1, 2**30, speed=s) for i, s in enumerate((3.0, 1.0, 1.0))))
+    rewritten, plan = split_plan(graph, [SplitRequest("lop", (head,), 3)], three)
+    region = rewritten.regions[0]
+    assert grouped not in region.layers and half * 2 == sum(len(p.units) for p in region.parts)
+    assert region.parts[0].share == pytest.approx(0.6, abs=0.05)
+    assert_exact(plan, graph)
+
+
 def test_mlp_pair_of_gemms(zoo_graphs):
     graph = zoo_graphs["vgg"]
     req = SplitRequest("fused-channels", ("/fc/fc.0/Gemm", "/fc/fc.1/Relu", "/fc/fc.2/Gemm"), 5)

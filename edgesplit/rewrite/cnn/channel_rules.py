@@ -67,7 +67,11 @@ def _conv_lop(e: ChannelEngine, node, weights, points):
     cout, cin_g = w.shape[0], w.shape[1]
     cout_g = cout // groups
     what = f"layer {node.name!r} (Conv, {cout} output channels{f', {groups} groups' if groups > 1 else ''})"
-    ranges = ranges_from(cout, weights, points, what, unit=cout_g if groups > 1 else 1)
+    unit = cout_g if groups > 1 else 1
+    if points is None or not len(points):
+        aligned = math.lcm(unit, e.follower_unit(node.name))
+        unit = aligned if cout // aligned >= len(weights) else unit  # too few aligned slices: combine before it
+    ranges = ranges_from(cout, weights, points, what, unit=unit)
 
     def build(i, a, b):
         p = f"{node.name}/part{i}"

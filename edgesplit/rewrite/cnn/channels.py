@@ -10,6 +10,7 @@ per-channel activation such as a squeeze-and-excitation scale is sliced for each
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import onnx
@@ -17,9 +18,10 @@ import onnx
 from edgesplit.graph import Graph, Layer
 from edgesplit.layout import Combine, SplitKind
 from edgesplit.rewrite.base import Editor, PartRecord, RegionRecord, SplitError, SplitRequest, attr, weights_for
-from edgesplit.rewrite.cnn.channel_rules import FOLLOW, LIP, LOP, Split, fan_closure, side_input
+from edgesplit.rewrite.cnn.channel_rules import BINARY, FOLLOW, LIP, LOP, POOLS, UNARY, Split, fan_closure, side_input
 
 Heads = dict[str, tuple[SplitKind, SplitRequest]]  # first layer -> (lop or lip, its request)
+ALIGN_THROUGH = UNARY | BINARY | POOLS | {"BatchNormalization", "InstanceNormalization"}  # keep channel positions
 
 
 class ChannelEngine:
@@ -35,10 +37,12 @@ class ChannelEngine:
         self.bias: dict[str, str] = {}  # partial-sum tensor -> the bias its combine adds
         self.consumers = self.graph.consumers()
         self.outputs = set(self.graph.outputs)
+        self.heads: Heads = {}
 
     # ----- driver -------------------------------------------------------------------------------------------
     def run(self, requests: Sequence[SplitRequest]) -> list[RegionRecord]:
         heads, lip_targets = _heads(requests)
+        self.heads = heads
         fused_done: set[str] = set()
         for layer in self.graph.layers:
             if self._visit(layer, heads, lip_targets):
@@ -172,6 +176,28 @@ class ChannelEngine:
             parts.append(made[-1].output[0])
         self._emit(node.name, new)
         self.split[node.output[0]] = Split(axis, ranges, parts, region, partial=(mode == SplitKind.LIP))
+
+    def follower_unit(self, head: str) -> int:
+        """The channel multiple that a split of `head`'s output must keep for the grouped Convs after it to follow
+        the split (1 if none comes before the next head, fan-out or mixing op): rounding the ranges to it saves the
+        synchronisation that combining before such a Conv would cost (ResNeXt, RegNet, ShuffleNet, MobileNets
+        with grouped pointwise Convs)."""
+        return self._unit_after(self.graph.layer(head).outputs[0])
+
+    def _unit_after(self, tensor: str) -> int:
+        users = self.consumers.get(tensor, [])
+        if tensor in self.outputs or len(users) != 1 or users[0] in self.heads:
+            return 1
+        layer = self.graph.layer(users[0])
+        node = self.graph.model.graph.node[self.graph.position(layer.name)]
+        if layer.op_type == "Conv" and attr(node, "group", 1) > 1 and node.input[1] in layer.weights:
+            w = self.graph.tensors[node.input[1]].shape
+            cin_g, cout_g = int(w[1]), int(w[0]) // attr(node, "group", 1)
+            after = self._unit_after(layer.outputs[0])  # in output channels: whole groups of cout_g
+            return cin_g * (after // math.gcd(after, cout_g))
+        if layer.op_type not in ALIGN_THROUGH or any(t != tensor and t not in layer.weights for t in layer.inputs):
+            return 1
+        return self._unit_after(layer.outputs[0])
 
     def _lip_follow(self, node: onnx.NodeProto, state: Split, req: SplitRequest) -> None:
         if node.op_type not in LIP:
