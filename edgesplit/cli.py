@@ -263,18 +263,35 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
                    "and each chunk of N gets N times the deadline.")
 @click.option("--start-timeout", type=click.FloatRange(min=0, min_open=True), default=180.0, show_default=True,
               help="ray: seconds to wait for every device's actor to start (a note every 5 s says who is late).")
+@click.option("--replan-after", type=click.FloatRange(min=0), default=None,
+              help="ray: when a device stays down this many seconds, search a plan for the devices left and go on "
+                   "with it (requests the old plan could not answer are sent again, none twice).")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="--replan-after: the plan's source model (default: the one recorded).")
 @_signed_plans
 def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
         backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int,
-        start_timeout: float, key_file: Path | None, trust_unsigned: bool) -> None:
+        start_timeout: float, replan_after: float | None, model_path: Path | None, key_file: Path | None,
+        trust_unsigned: bool) -> None:
     """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
     from edgesplit.runtime.local import LocalExecutor
     from edgesplit.signing import find_key
 
     if (input_path is None) == (stream_path is None):
         raise EdgesplitError("expected exactly one of --input FILE.npz or --stream FILE.npz|DIR")
+    if replan_after is not None and backend != Backend.RAY:
+        raise EdgesplitError(f"--replan-after re-plans around devices lost on Ray; expected --backend ray, got "
+                             f"--backend {backend}")
+    if model_path is not None and replan_after is None:
+        raise EdgesplitError("--model is the source model for --replan-after; expected --replan-after with it")
     check_answers_path(output)
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
+    replanner = None
+    if replan_after is not None:
+        from edgesplit.search.replan import Replanner
+
+        graph = _source_graph(plan_dir, plan, model_path)
+        replanner = Replanner(graph, plan.cluster)  # profiles now: a loss then costs only the search
     if stream_path is not None or backend == Backend.RAY:
         from edgesplit.runtime import streamio
 
@@ -282,7 +299,7 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
         streamio.check_requests(plan, requests)
         answers, report = streamio.run_stream(plan, requests, console, backend, address, threads, allow_degraded,
                                               deadline, dataplane, chunk, start_timeout, find_key(key_file),
-                                              trust_unsigned)
+                                              trust_unsigned, replanner, replan_after)
         streamio.write_answers(output, plan, answers, stacked=stream_path is not None)
         for message, count in streamio.describe_failures(answers).items():
             say(err_console, f"{count} request(s) failed:", "red", message)
@@ -307,16 +324,11 @@ def verify(plan_dir: Path, model_path: Path | None, input_path: Path | None, rto
     """Compare a plan's outputs with the whole source model's."""
     from rich.table import Table
 
-    from edgesplit.graph import load
     from edgesplit.runtime.local import verify as do_verify
     from edgesplit.runtime.common import random_inputs
 
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
-    source = model_path or _recorded_model(plan_dir, plan)
-    graph = load(source)
-    if graph.sha256 != plan.model_sha256:
-        raise EdgesplitError(f"{source} is not the model this plan was made from (sha256 {graph.sha256[:12]}…, "
-                             f"plan expects {plan.model_sha256[:12]}…)")
+    graph = _source_graph(plan_dir, plan, model_path)
     inputs = read_npz(input_path) if input_path else random_inputs(plan.inputs, _dims(dims))
     diffs = do_verify(plan, graph, inputs, rtol=rtol)
     table = Table(title=f"plan vs whole model (rtol {rtol:g})")
@@ -358,6 +370,18 @@ def generate(plan_dir: Path, prompt: str, max_new_tokens: int, tokenizer: Path |
         console.print(token.text, end="", markup=False, highlight=False)
     console.print()
     console.print(Text(gen.stats.summary(), style="bold"), highlight=False)
+
+
+def _source_graph(plan_dir: Path, plan, model_path: Path | None):
+    """The model the plan was made from: `model_path`, else the one plan.json records; checked by its sha256."""
+    from edgesplit.graph import load
+
+    source = model_path or _recorded_model(plan_dir, plan)
+    graph = load(source)
+    if graph.sha256 != plan.model_sha256:
+        raise EdgesplitError(f"{source} is not the model this plan was made from (sha256 {graph.sha256[:12]}…, "
+                             f"plan expects {plan.model_sha256[:12]}…)")
+    return graph
 
 
 def _recorded_model(plan_dir: Path, plan) -> Path:

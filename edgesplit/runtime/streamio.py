@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -104,8 +104,10 @@ def stream_local(plan: Plan, requests: list[dict[str, np.ndarray]], tally: Tally
 def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Console, backend: str = "local",
                address: str | None = None, threads: int | None = None, allow_degraded: bool = False,
                deadline: float = 30.0, dataplane: str = "auto", chunk: int = 1, start_timeout: float = 180.0,
-               key: Key | None = None, trust_unsigned: bool = False) -> tuple[list[RunResult | EdgesplitError], RunReport]:
-    """Answers in request order and the run's report; a progress bar while it runs."""
+               key: Key | None = None, trust_unsigned: bool = False, replanner: Callable | None = None,
+               replan_after: float | None = None) -> tuple[list[RunResult | EdgesplitError], RunReport]:
+    """Answers in request order and the run's report; a progress bar while it runs. On Ray with a `replanner`,
+    a device down for `replan_after` seconds is re-planned around (`edgesplit.runtime.replan`)."""
     answers: list[RunResult | EdgesplitError] = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[rate]}"))
@@ -113,15 +115,36 @@ def run_stream(plan: Plan, requests: list[dict[str, np.ndarray]], console: Conso
         task = progress.add_task(f"{backend} {plan.model_name}", total=len(requests), rate="")
         if Backend.parse(backend, "backend") is Backend.RAY:
             from edgesplit.runtime.ray import RayExecutor
+            from edgesplit.runtime.replan import Replanning
 
-            with RayExecutor(plan, address=address, threads=threads, allow_degraded=allow_degraded,
-                             deadline=deadline, dataplane=dataplane, ready_timeout=start_timeout, key=key,
-                             trust_unsigned=trust_unsigned) as ex:
-                session = ex.session(chunk=chunk)
-                tally = session.tally
-                for answer in session.stream(requests):
-                    answers.append(answer)
-                    progress.update(task, advance=1, rate=_rate(len(answers), tally))
+            def deploy(p: Plan) -> RayExecutor:
+                return RayExecutor(p, address=address, threads=threads, allow_degraded=allow_degraded,
+                                   deadline=deadline, dataplane=dataplane, ready_timeout=start_timeout, key=key,
+                                   trust_unsigned=trust_unsigned)
+
+            replanning = None
+            with deploy(plan) as ex:
+                if replanner is None:
+                    session = ex.session(chunk=chunk)
+                    tally, stream = session.tally, session.stream(requests)
+                else:
+                    replanning = Replanning(ex, replanner, replan_after or 0.0, deploy, chunk=chunk)
+                    tally, stream = replanning.tally, replanning.stream(requests)
+                try:
+                    for answer in stream:
+                        answers.append(answer)
+                        progress.update(task, advance=1, rate=_rate(len(answers), tally))
+                finally:
+                    if replanning is not None and replanning.ex is not ex:
+                        replanning.ex.close()
+            for s in replanning.switches if replanning else ():
+                console.print(f"re-planned without {', '.join(s.lost)}: {len(s.plan.stages)} stages on "
+                              f"{', '.join(s.plan.devices)}; search {s.planning_seconds:.1f} s, start "
+                              f"{s.deploy_seconds:.1f} s, first answer {s.first_answer_seconds:.1f} s after the "
+                              f"loss; {s.resent} request(s) sent again", markup=False, highlight=False,
+                              soft_wrap=True)
+            for why in replanning.failed_replans.values() if replanning else ():
+                console.print(why, markup=False, highlight=False, soft_wrap=True)
         else:
             tally = Tally()
             for answer in stream_local(plan, requests, tally, threads, allow_degraded):

@@ -139,9 +139,11 @@ class Outcome:
 
 def run_search(model: CostModel, objectives: Sequence[Objective], population: int, generations: int, seed: int,
                how: Pick, on_generation: Callable[[], None] = lambda: None,
-               standbys: bool = False, horizontal: bool = False) -> tuple[Result, list[Baseline], int, str]:
+               standbys: bool = False, horizontal: bool = False,
+               seeds: Sequence[Vertical] = ()) -> tuple[Result, list[Baseline], int, str]:
+    """The front (its first population: `seeds`, then the feasible baselines), the baselines and the pick."""
     bases = baselines(model)
-    seeds = [b.layout for b in bases if b.feasible]
+    seeds = list(dict.fromkeys([*seeds, *(b.layout for b in bases if b.feasible)]))
     result = search(model, objectives, seeds, population, generations, seed, on_generation, standbys, horizontal)
     if not result.front:
         raise InputError("no layout fits every device's memory budget; give devices more memory or add devices")
