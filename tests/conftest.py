@@ -147,3 +147,22 @@ def write_tiny_cnn(path: Path, unsupported: bool = False) -> Path:
         initializer=[numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def big_first_stage(tmp_path_factory: pytest.TempPathFactory):
+    """ResNet-18 (10 classes, 32²: 43 MiB of weights) with dev0 holding two stages, the first nearly every weight
+    and the second only the classifier, dev1 the pooling between them: a device's memory must count both."""
+    from edgesplit.bench import zoo
+    from edgesplit.cluster import Cluster
+    from edgesplit.graph import load
+    from edgesplit.planner import plan
+
+    path = zoo.export(zoo.resnet18(classes=10), (1, 3, 32, 32), tmp_path_factory.mktemp("r18") / "r18.onnx",
+                      keep_batchnorm=False)
+    graph = load(path)
+    n = len(graph.layers)
+    placement = {layer.name: "dev1" if n - 3 <= i < n - 1 else "dev0" for i, layer in enumerate(graph.layers)}
+    made = plan(graph, Cluster.simulated(2), placement)
+    assert [s.device for s in made.order()] == ["dev0", "dev1", "dev0"]
+    return graph, made

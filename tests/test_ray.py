@@ -541,3 +541,16 @@ def test_a_parity_plan_rebuilds_a_killed_devices_part_exactly(ray_instance, tmp_
     for answer, x in zip(answers, requests):
         np.testing.assert_allclose(answer.outputs["logits"], run_whole_model(str(path), x)["logits"],
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_devices_memory_counts_its_stages_not_the_files_it_was_sent(ray_instance, big_first_stage):
+    """`uss - uss_runtime` is the stages' own memory: the stage files arrive after both baselines and are freed."""
+    _, plan = big_first_stage
+    with executor(plan, dataplane="tasks") as ex:
+        ex.run(_requests(plan, 1)[0])
+        stats = ex.stats()
+    for device in ("dev0", "dev1"):
+        weights = sum(s.param_bytes for s in plan.device_stages(device))
+        model = stats[device]["uss"] - stats[device]["uss_runtime"]
+        assert 0.9 * weights - 16 * 2**20 < model < 2 * weights + 16 * 2**20, (device, model, weights)
+    assert stats["dev0"]["uss"] - stats["dev0"]["uss_runtime"] > 0.9 * sum(s.param_bytes for s in plan.stages)

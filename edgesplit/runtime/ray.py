@@ -102,7 +102,7 @@ class RayExecutor:
     def _spawn(self, device: str) -> Any:
         threads = self.threads or self.plan.cluster.device(device).cores
         pinned = DeviceWorker.options(resources={raycluster.resource(device): 0.001})
-        return pinned.remote(device, self._models[device], threads, self.cpus.get(device, ()),
+        return pinned.remote(device, [self._models[device]], threads, self.cpus.get(device, ()),
                              self.plan.cluster.device(device).providers, self.seal, self.trust_unsigned)
 
     def _wait_ready(self, timeout: float) -> None:

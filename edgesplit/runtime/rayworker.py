@@ -35,13 +35,22 @@ class DeviceWorker:
     a running stage (own concurrency group), so a busy device is told apart from a silent one. The `peer_*`
     methods run the peer data plane (`runtime.peer`): whole requests, tensors pushed device to device."""
 
-    def __init__(self, device: str, stages: list[tuple[str, tuple[str, ...], tuple[str, ...], bytes]],
-                 threads: int, cpus: tuple[int, ...] = (), providers: tuple[str, ...] = (),
-                 seal: Seal | None = None, trust_unsigned: bool = False) -> None:
+    def __init__(self, device: str, stage_files: list[ray.ObjectRef], threads: int, cpus: tuple[int, ...] = (),
+                 providers: tuple[str, ...] = (), seal: Seal | None = None, trust_unsigned: bool = False) -> None:
+        """`stage_files`: one ObjectRef (in a list, so that Ray does not resolve it first) to this device's
+        (name, inputs, outputs, model bytes) stages, fetched after the memory baselines: the files, freed once the
+        sessions are made, are in neither, so `uss - uss_runtime` is the stages' own memory."""
         import psutil
 
         self.device = device
         self.refusal: EdgesplitError | None = None
+        if cpus:
+            _pin(cpus)
+        self.process = psutil.Process()
+        self.uss_start = self.process.memory_full_info().uss
+        start_onnxruntime(threads)
+        self.uss_runtime = self.process.memory_full_info().uss  # onnxruntime's fixed cost, before any stage
+        stages = ray.get(stage_files[0])
         # with this node's own key, before any stage is parsed; `ping` raises a refusal, so that the driver gets
         # it whole (Ray keeps only the text of an error raised here)
         try:
@@ -49,27 +58,19 @@ class DeviceWorker:
         except EdgesplitError as exc:
             self.refusal = exc
             return
-        if cpus:
-            _pin(cpus)
-        self.process = psutil.Process()
-        self.uss_start = self.process.memory_full_info().uss
-        start_onnxruntime(threads)
-        self.uss_runtime = self.process.memory_full_info().uss  # onnxruntime's fixed cost, before any stage
         self.inputs = {name: ins for name, ins, _, _ in stages}
         self.outputs = {name: list(outs) for name, _, outs, _ in stages}
         chosen = device_providers(device, providers)
         self.sessions = {name: lean_session(model, threads, chosen) for name, _, _, model in stages}
         del stages
+        trim()
         self.uss_loaded = self.process.memory_full_info().uss
-        self.trimmed = False
         self.bytes_in: dict[str, int] = defaultdict(int)  # "stage/tensor" -> bytes received
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
         self.peer: PeerNode | None = None
 
     def _stage(self, stage: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if not self.trimmed:  # the constructor's arguments (every stage file) are freed by now
-            self.trimmed = trim()
         for name, value in feeds.items():
             self.bytes_in[f"{stage}/{name}"] += value.nbytes
         t0 = time.perf_counter()

@@ -143,8 +143,8 @@ def _memory_main() -> None:
     sessions = [lean_session(model, 1) for model, _ in stages]
     for session, (_, feeds) in zip(sessions, stages):
         session.run(None, feeds)
-    stages.clear()
     trim()
+    # the stage files read from stdin were resident at `start` and still are: they are in neither difference
     print(process.memory_full_info().uss - runtime, runtime - start)
 
 
