@@ -179,7 +179,7 @@ def _links(data: Any) -> tuple[Link, dict[tuple[str, str], Link], list[str]]:
             pairs[(a, b)] = link
         elif known != link:
             problems.append(f"links.pairs[{j}]: the link {a}-{b} is given twice, with different values "
-                            f"({_describe(known)} and {_describe(link)}); expected one value per pair")
+                            f"({describe_link(known)} and {describe_link(link)}); expected one value per pair")
     return default, pairs, problems
 
 
@@ -202,7 +202,7 @@ def _problems(devices: tuple[Device, ...], default_link: Link, links: Mapping[tu
             problems.append(f"link {a}-{b}: a device cannot have a link to itself; expected two different devices")
         if (b, a) in links and a < b and links[(b, a)] != link:
             problems.append(f"link {a}-{b} is given both ways round with different values "
-                            f"({_describe(link)} and {_describe(links[(b, a)])}); expected one value per pair")
+                            f"({describe_link(link)} and {describe_link(links[(b, a)])}); expected one value per pair")
         if not link.bandwidth > 0 or not link.latency >= 0 or not math.isfinite(link.bandwidth + link.latency):
             problems.append(f"link {a}-{b}: expected bandwidth > 0 and latency >= 0, got {link.bandwidth} B/s, {link.latency} s")
     return problems
@@ -235,7 +235,8 @@ def _device_problems(d: Device) -> list[str]:
     return problems
 
 
-def _describe(link: Link) -> str:
+def describe_link(link: Link) -> str:
+    """A link as a person writes it: "100 Mbit/s, 2 ms"."""
     return f"{link.bandwidth * 8 / 1e6:g} Mbit/s, {link.latency * 1e3:g} ms"
 
 

@@ -165,6 +165,25 @@ def test_links_are_shaped(edge_lab, tmp_path):
     assert 20 < net["mbit_s"] <= 105, net
 
 
+def test_profile_on_the_devices_finds_the_shaped_links(edge_lab, vertical_plan, tmp_path):
+    """`edgesplit profile --address` from the head: each device profiled on itself, and every link measured as the
+    lab shaped it (100 Mbit/s, 2 ms one way)."""
+    from edgesplit.cluster import Cluster
+
+    Cluster.simulated(3, cores=1, memory=2 * 2**30, prefix="edge").save(tmp_path / "lab.yaml")
+    shutil.copy(vertical_plan / "model.onnx", tmp_path / "model.onnx")
+    done = cli_in("head", "profile", str(tmp_path / "model.onnx"), "--cluster", str(tmp_path / "lab.yaml"),
+                  "--address", edge_lab["head"], "--repeats", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    measured = Cluster.load(tmp_path / "lab.measured.yaml")
+    for a, b in (("edge0", "edge1"), ("edge0", "edge2"), ("edge1", "edge2")):
+        link = measured.link(a, b)
+        assert 1.5e-3 <= link.latency < 15e-3, (a, b, link)
+        assert 20e6 / 8 < link.bandwidth <= 105e6 / 8, (a, b, link)
+    profiles = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("model.onnx.profile-*-on-edge*.json"))]
+    assert [p["device"] for p in profiles] == list(DEVICES) and all(p["threads"] == 1 for p in profiles)
+
+
 def test_vertical_plan_runs_across_three_devices(edge_lab, vertical_plan, tmp_path):
     result = driver("run", str(vertical_plan), str(tmp_path / "run.json"))
     assert result["answered"] == result["requests"] == 4

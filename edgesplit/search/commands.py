@@ -15,7 +15,8 @@ _DIM = click.option("--dim", "dims", multiple=True, help="Size of a symbolic dim
 
 
 def _given(graph, cluster, files: tuple[Path, ...]) -> dict:
-    """Profiles measured elsewhere (on a board, with `edgesplit profile`), each for the devices with its threads."""
+    """Profiles measured elsewhere: one measured on a device (`edgesplit profile --address`) is that device's, one
+    of a kind (`edgesplit profile` on a board) is for the devices with its threads."""
     from edgesplit.errors import InputError
     from edgesplit.search.profile import check_profile, kind, load_profile
 
@@ -24,26 +25,34 @@ def _given(graph, cluster, files: tuple[Path, ...]) -> dict:
     for path in files:
         p = load_profile(path)
         check_profile(p, graph, p.threads, str(path))
-        if p.threads not in cores:
+        if p.device:
+            if p.device not in cluster.names:
+                raise InputError(f"{path}: a profile measured on device {p.device!r}; expected one of the cluster's "
+                                 f"devices {list(cluster.names)}")
+            found[p.device] = p
+        elif p.threads not in cores:
             raise InputError(f"{path}: a profile of device kind {kind(p.threads)}; expected one of the cluster's "
                              f"kinds {[kind(c) for c in cores]} (a device's kind is its cores)")
-        found[p.threads] = p
+        else:
+            found[p.threads] = p
     return found
 
 
 def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False, given: dict | None = None):
-    """One profile per device kind of the cluster: given, else measured here (a progress bar) or cached."""
+    """One profile per device kind of the cluster (or per device, where measured on it): given, else measured here
+    (a progress bar) or cached."""
     from rich.progress import Progress
 
     from edgesplit.cli import err_console
     from edgesplit.search.profile import kind, profile, threads_of
 
     given = given or {}
-    kinds = sorted({threads_of(d.cores) for d in cluster.devices if d.cores not in given})
+    rest = [d for d in cluster.devices if d.name not in given and d.cores not in given]
+    kinds = sorted({threads_of(d.cores) for d in rest})
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("profiling", total=2 * len(kinds))
         found = {t: profile(graph, t, repeats, not refresh, lambda: progress.advance(task), dims) for t in kinds}
-    here = [d.name for d in cluster.devices if d.speed != 1.0]
+    here = [d.name for d in rest if d.speed != 1.0]
     if kinds:
         log.info(f"profiled {', '.join(kind(t) for t in kinds)} on this machine"
                  + (f"; {here} are scaled by their speed (this machine: --host-speed, default 1.0)" if here else ""))
@@ -57,32 +66,97 @@ def _profiles(graph, cluster, dims, repeats: int = 10, refresh: bool = False, gi
 @_DIM
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True, help="Profiled runs per kind.")
 @click.option("--refresh", is_flag=True, help="Measure again even when a cached profile matches.")
+@click.option("--address", default=None,
+              help="Ray head HOST:PORT: profile on each device itself and measure every link between them.")
+@click.option("--links", "links_out", type=click.Path(path_type=Path),
+              help="With --address: where to write the cluster with its measured links (default: "
+                   "CLUSTER.measured.yaml beside the cluster file, else ./cluster.measured.yaml).")
 def profile_command(model: Path, devices: int | None, cluster: Path | None, dims: tuple[str, ...], repeats: int,
-                    refresh: bool) -> None:
-    """Per-layer latency of MODEL on each device kind of the cluster (cached beside the model)."""
+                    refresh: bool, address: str | None, links_out: Path | None) -> None:
+    """Per-layer latency of MODEL on each device kind of the cluster (cached beside the model); with --address, on
+    each device of a Ray cluster, and the links between them."""
     from rich.table import Table
 
     from edgesplit.cli import _cluster, _dims, console
+    from edgesplit.errors import InputError
     from edgesplit.graph import load
-    from edgesplit.search.profile import cache_path, for_device, kind
+    from edgesplit.search.profile import cache_path, for_device, kind, speed_factor
 
+    if links_out is not None and address is None:
+        raise InputError("--links names where the measured links go; expected --address with it")
     the_cluster = _cluster(devices, cluster)
     graph = load(model, dims=_dims(dims))
-    found = _profiles(graph, the_cluster, _dims(dims), repeats, refresh)
+    if address is not None:
+        links_out = links_out or (cluster.with_name(f"{cluster.stem}.measured.yaml") if cluster else
+                                  Path("cluster.measured.yaml"))
+        found, the_cluster = _on_devices(graph, the_cluster, address, _dims(dims), repeats, links_out)
+    else:
+        found = _profiles(graph, the_cluster, _dims(dims), repeats, refresh)
     table = Table(title=f"{graph.name}: {len(graph.layers)} layers")
-    for col in ("device", "kind", "speed", "whole model (ms)", "sum of layers (ms)", "slowest layer"):
+    for col in ("device", "measured on", "kind", "speed", "whole model (ms)", "sum of layers (ms)", "slowest layer"):
         table.add_column(col)
     for d in the_cluster.devices:
-        p = for_device(found, d.cores)
+        p = for_device(found, d)
+        f = speed_factor(p, d, 1.0)
         slowest = max(range(len(graph.layers)), key=lambda i: p.layer_seconds[i])
-        table.add_row(d.name, kind(p.threads), f"{d.speed:g}", f"{p.whole_seconds * 1e3 / d.speed:.3f}",
-                      f"{sum(p.layer_seconds) * 1e3 / d.speed:.3f}",
-                      f"{graph.layers[slowest].name} ({p.layer_seconds[slowest] * 1e3 / d.speed:.3f} ms)")
+        table.add_row(d.name, "itself" if p.device else "this machine", kind(p.threads), f"{d.speed:g}",
+                      f"{p.whole_seconds * 1e3 * f:.3f}", f"{sum(p.layer_seconds) * 1e3 * f:.3f}",
+                      f"{graph.layers[slowest].name} ({p.layer_seconds[slowest] * 1e3 * f:.3f} ms)")
     console.print(table)
-    for t in found:
-        path = cache_path(graph, t, _dims(dims))
-        if path is not None:
-            console.print(f"cached {path}", markup=False, highlight=False, soft_wrap=True)
+    if address is None:
+        for t in found:
+            path = cache_path(graph, t, _dims(dims))
+            if path is not None:
+                console.print(f"cached {path}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _on_devices(graph, cluster, address: str, dims, repeats: int, links_out: Path):
+    """Profiles measured on the devices and the cluster with its measured links, both written; prints the links."""
+    import json
+    import os
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from edgesplit.cli import console, err_console
+    from edgesplit.cluster import describe_link
+    from edgesplit.errors import InputError
+    from edgesplit.search.profile import device_profile_path
+    from edgesplit.search.remote import measure_on_devices, measured_cluster
+
+    if links_out.exists() and not links_out.is_file():
+        raise InputError(f"--links: expected a file to write the measured cluster to, got the directory {links_out}")
+    k = len(cluster.devices)
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("profiling on the devices, then their links", total=k + k * (k - 1) // 2)
+        found, links = measure_on_devices(graph, cluster, address, repeats, dims,
+                                          on_step=lambda what: progress.advance(task))
+    measured = measured_cluster(cluster, links)
+    table = Table(title="links, measured between the devices' probes")
+    for col in ("between", "declared", "measured"):
+        table.add_column(col)
+    for (a, b), link in links.items():
+        table.add_row(f"{a} - {b}", describe_link(cluster.link(a, b)), describe_link(link))
+    console.print(table)
+    written = []
+    for name, p in found.items():
+        path = device_profile_path(graph, name, dims)
+        if path is None:
+            raise InputError("the model was not loaded from a file; nowhere to write its profiles")
+        written.append((path, json.dumps(p.to_dict())))
+    for path, text in written + [(links_out, None)]:
+        partial = path.with_name(path.name + ".partial")
+        if text is None:
+            measured.save(partial)
+        else:
+            partial.write_text(text)
+        os.replace(partial, path)
+    for path, _ in written:
+        console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {links_out} (the cluster with its measured links); search with them:\n  edgesplit search "
+                  f"{graph.path} --cluster {links_out} " + " ".join(f"--profile {p}" for p, _ in written) + " -o OUT",
+                  markup=False, highlight=False, soft_wrap=True)
+    return found, measured
 
 
 def _check_output(output: Path, force: bool) -> None:
@@ -124,7 +198,8 @@ def _check_output(output: Path, force: bool) -> None:
 @click.option("--host-speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="This machine's speed in the cluster's units (the examples' are a Raspberry Pi 4 = 1.0).")
 @click.option("--profile", "profile_files", multiple=True, type=click.Path(path_type=Path),
-              help="A profile measured elsewhere (`edgesplit profile` on a board) for the devices of its kind.")
+              help="A profile measured elsewhere: on a device (`edgesplit profile --address`), for that device; of a "
+                   "kind (`edgesplit profile` on a board), for the devices of its cores.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory to write.")
 @click.option("--force", is_flag=True, help="Replace an earlier search in --output.")
 @click.option("--key-file", type=click.Path(path_type=Path), help="The key plans are signed with.")

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgesplit.cluster import Cluster
 from edgesplit.graph import Graph
-from edgesplit.search.profile import Profile, for_device, live_bytes
+from edgesplit.search.profile import Profile, for_device, live_bytes, speed_factor
 from edgesplit.search.space import Group, Splits, Vertical, equal_layers, from_placement
 
 __all__ = ["CostModel", "Costs", "Overheads", "Vertical", "equal_layers", "from_placement"]
@@ -87,7 +87,7 @@ class _Groups:
 class CostModel:
     """Everything about a model and a cluster that candidates share, precomputed once; `costs` is then cheap."""
 
-    def __init__(self, graph: Graph, cluster: Cluster, profiles: Mapping[int, Profile],
+    def __init__(self, graph: Graph, cluster: Cluster, profiles: Mapping[int | str, Profile],
                  overheads: Overheads = Overheads(), host_speed: float = 1.0, parallel: bool = True) -> None:
         """`host_speed`: this machine's speed in the cluster's units (a device of speed s computes s ÷ host_speed
         times as fast as this machine did when profiled); `parallel`: the parts of a split run at once (on devices,
@@ -97,8 +97,8 @@ class CostModel:
         layers = graph.layers
         self.n = len(layers)
         self.k = len(cluster.devices)
-        kinds = [for_device(profiles, d.cores) for d in cluster.devices]
-        seconds = [np.asarray(k.layer_seconds) * host_speed / d.speed for k, d in zip(kinds, cluster.devices)]
+        kinds = [for_device(profiles, d) for d in cluster.devices]
+        seconds = [np.asarray(k.layer_seconds) * speed_factor(k, d, host_speed) for k, d in zip(kinds, cluster.devices)]
         self.seconds = np.stack(seconds)
         self.speed = np.array([d.speed for d in cluster.devices])
         self.time_prefix = np.stack([np.concatenate([[0.0], np.cumsum(s)]) for s in seconds])

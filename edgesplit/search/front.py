@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,7 @@ def run_search(model: CostModel, objectives: Sequence[Objective], population: in
     return result, bases, chosen, why
 
 
-def document(model: CostModel, outcome: Outcome, objectives: Sequence[Objective], profiles: dict[int, Profile],
+def document(model: CostModel, outcome: Outcome, objectives: Sequence[Objective], profiles: Mapping[int | str, Profile],
              overheads: Overheads, written: dict[int, str], backend: str) -> dict[str, Any]:
     def point(i: int, p: Point) -> dict[str, Any]:
         d = point_dict(model, p.layout, p.costs, objectives)
@@ -171,9 +171,10 @@ def document(model: CostModel, outcome: Outcome, objectives: Sequence[Objective]
         "devices": [d.name for d in model.cluster.devices], "objectives": [o.value for o in objectives],
         "overheads": {"base_s": overheads.base, "step_s": overheads.step, "bandwidth_bytes_per_s": overheads.bandwidth,
                       "backend": backend},
-        "profiles": {str(t): {"threads": p.threads, "whole_s": p.whole_seconds, "machine": p.machine}
-                     for t, p in profiles.items()},
-        "speed_note": "device times are this machine's profile divided by each device's `speed`",
+        "profiles": {str(t): {"threads": p.threads, "whole_s": p.whole_seconds, "machine": p.machine,
+                              "measured_on": p.device or "this machine"} for t, p in profiles.items()},
+        "speed_note": "device times are the profile of the device itself where it was measured on it (`edgesplit "
+                      "profile --address`), else this machine's profile divided by the device's `speed`",
         "energy_note": "energy is an estimate from each device's power profile (busy/idle watts), not a reading",
         "evaluations": outcome.result.evaluations, "search_seconds": outcome.result.seconds,
         "picked": {"index": outcome.chosen, "why": outcome.why, "plan": written.get(outcome.chosen)},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from edgesplit.bench.harness import median_seconds
+from edgesplit.cluster import Device
 from edgesplit.errors import InputError
 from edgesplit.graph import Graph
 from edgesplit.runtime.common import random_inputs, session_options
@@ -45,6 +47,7 @@ class Profile:
     activation_factor: float  # what one run adds ÷ the peak bytes of live activations
     machine: str
     version: int = VERSION
+    device: str = ""  # the device it was measured on (`edgesplit profile --address`); "" = a kind, measured here
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,10 +61,16 @@ def kind(threads: int) -> str:
     return f"cpu-{threads}t"
 
 
-def for_device(profiles: Mapping[int, Profile], cores: int) -> Profile:
-    """The profile of a device with `cores`: one measured at exactly that many threads (on the board itself, say),
-    else the one measured here at as many threads as this machine allows."""
-    return profiles.get(cores) or profiles[threads_of(cores)]
+def for_device(profiles: Mapping[int | str, Profile], device: Device) -> Profile:
+    """The profile of `device`: one measured on it (keyed by its name), else one of its kind measured at exactly its
+    cores (on a board like it, say), else the one measured here at as many threads as this machine allows."""
+    return profiles.get(device.name) or profiles.get(device.cores) or profiles[threads_of(device.cores)]
+
+
+def speed_factor(found: Profile, device: Device, host_speed: float) -> float:
+    """What the profiled seconds are multiplied by on `device`: 1 when measured on it, else this machine's speed over
+    the device's (both in the cluster's units)."""
+    return 1.0 if found.device and found.device == device.name else host_speed / device.speed
 
 
 def threads_of(cores: int) -> int:
@@ -74,6 +83,16 @@ def cache_path(graph: Graph, threads: int, dims: Mapping[str, int] | None = None
     model = Path(graph.path)
     sizes = "".join(f"-{k}{v}" for k, v in sorted((dims or {}).items()))
     return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-{kind(threads)}{sizes}.json")
+
+
+def device_profile_path(graph: Graph, device: str, dims: Mapping[str, int] | None = None) -> Path | None:
+    """Where the profile measured on `device` is written, beside the model (None: the model is not a file)."""
+    if not graph.path:
+        return None
+    model = Path(graph.path)
+    sizes = "".join(f"-{k}{v}" for k, v in sorted((dims or {}).items()))
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", device)
+    return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-on-{safe}{sizes}.json")
 
 
 def profile(graph: Graph, threads: int, repeats: int = 10, use_cache: bool = True,
