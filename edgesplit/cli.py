@@ -266,13 +266,16 @@ def partition(model: Path, devices: int | None, cluster: Path | None, mapping: P
 @click.option("--replan-after", type=click.FloatRange(min=0), default=None,
               help="ray: when a device stays down this many seconds, search a plan for the devices left and go on "
                    "with it (requests the old plan could not answer are sent again, none twice).")
+@click.option("--replan-pick", type=click.Choice(["latency", "throughput", "memory", "energy", "knee"]),
+              default=None, help="--replan-after: which point of the survivors' front to go on with [default: "
+                                 "latency].")
 @click.option("--model", "model_path", type=click.Path(path_type=Path),
               help="--replan-after: the plan's source model (default: the one recorded).")
 @_signed_plans
 def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, output: Path, threads: int | None,
         backend: str, address: str | None, allow_degraded: bool, deadline: float, dataplane: str, chunk: int,
-        start_timeout: float, replan_after: float | None, model_path: Path | None, key_file: Path | None,
-        trust_unsigned: bool) -> None:
+        start_timeout: float, replan_after: float | None, replan_pick: str | None, model_path: Path | None,
+        key_file: Path | None, trust_unsigned: bool) -> None:
     """Run a plan on one request (--input) or stream many (--stream), in-process or on Ray."""
     from edgesplit.runtime.local import LocalExecutor
     from edgesplit.signing import find_key
@@ -284,14 +287,19 @@ def run(plan_dir: Path, input_path: Path | None, stream_path: Path | None, outpu
                              f"--backend {backend}")
     if model_path is not None and replan_after is None:
         raise EdgesplitError("--model is the source model for --replan-after; expected --replan-after with it")
+    if replan_pick is not None and replan_after is None:
+        raise EdgesplitError("--replan-pick says which re-plan to go on with; expected --replan-after with it")
     check_answers_path(output)
     plan = _load_plan(plan_dir, key_file, trust_unsigned)
     replanner = None
     if replan_after is not None:
-        from edgesplit.search.replan import Replanner
+        from edgesplit.search.nsga import Pick
+        from edgesplit.search.replan import Replanner, objectives_for
 
         graph = _source_graph(plan_dir, plan, model_path)
-        replanner = Replanner(graph, plan.cluster)  # profiles now: a loss then costs only the search
+        pick = Pick(replan_pick or "latency")
+        # profiled now: a loss then costs only the search
+        replanner = Replanner(graph, plan.cluster, objectives_for(pick), pick)
     if stream_path is not None or backend == Backend.RAY:
         from edgesplit.runtime import streamio
 

@@ -12,7 +12,9 @@ from edgesplit.errors import DeviceFailedError, InputError
 from edgesplit.planner import plan as plan_of
 from edgesplit.runtime.common import RunResult, random_inputs
 from edgesplit.runtime.local import LocalExecutor, run_whole_model
-from edgesplit.search.replan import Replanner, seed_layout, survivors
+from edgesplit.search.cost import CostModel
+from edgesplit.search.nsga import Pick
+from edgesplit.search.replan import Replanner, objectives_for, seed_layout, survivors
 from test_ray import answers_meanwhile, executor, kill, ray_instance  # noqa: F401 - ray_instance: a fixture
 
 
@@ -67,6 +69,21 @@ def test_the_new_plan_runs_on_the_survivors_and_matches_the_model(resnet3, repla
     one = replanner(plan, frozenset({"dev0", "dev1"}))
     assert one.devices == ("dev2",)
     _matches_whole_model(LocalExecutor(one, threads=1).run(x), graph, x)
+
+
+@pytest.mark.parametrize("how", [Pick.LATENCY, Pick.THROUGHPUT, Pick.MEMORY])
+def test_the_replan_goes_on_with_the_point_it_was_told_to_pick(resnet3, replanner, how):
+    """The picked point is at least as good by its measure as the seed (the old plan, the lost ranges joined)."""
+    graph, plan = resnet3
+    picky = Replanner(graph, plan.cluster, objectives_for(how), how, population=16, generations=8,
+                      profiles=replanner.profiles)
+    new = picky(plan, frozenset({"dev1"}))
+    left = survivors(plan.cluster, {"dev1"})
+    seed = CostModel(graph, left, picky.profiles, picky.overheads).costs(seed_layout(plan, graph, left))
+    measure = {Pick.LATENCY: lambda c: c.latency, Pick.THROUGHPUT: lambda c: c.period,
+               Pick.MEMORY: lambda c: c.max_memory}[how]
+    assert picky.costs is not None and measure(picky.costs) <= measure(seed) * (1 + 1e-9)
+    assert how.value in picky.why and set(new.devices) <= {"dev0", "dev2"}
 
 
 def test_no_plan_for_no_devices_or_too_little_memory(resnet3, replanner):
@@ -159,6 +176,8 @@ def test_replan_options_are_checked_before_anything_runs(zoo_dir, tmp_path):
     result = cli(*run, "--replan-after", 5)
     assert result.exit_code == 2 and "expected --backend ray, got --backend local" in result.output
     result = cli(*run, "--model", zoo_dir / "resnet.onnx")
+    assert result.exit_code == 2 and "expected --replan-after with it" in result.output
+    result = cli(*run, "--backend", "ray", "--replan-pick", "throughput")
     assert result.exit_code == 2 and "expected --replan-after with it" in result.output
     result = cli(*run, "--backend", "ray", "--replan-after", 5, "--model", zoo_dir / "vgg.onnx")
     assert result.exit_code == 2 and "is not the model this plan was made from" in result.output

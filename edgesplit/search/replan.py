@@ -13,7 +13,7 @@ from edgesplit.errors import InputError
 from edgesplit.graph import Graph
 from edgesplit.plan import Plan
 from edgesplit.search import front
-from edgesplit.search.cost import CostModel, Overheads
+from edgesplit.search.cost import CostModel, Costs, Overheads
 from edgesplit.search.nsga import Objective, Pick
 from edgesplit.search.profile import Profile, profile, threads_of
 from edgesplit.search.space import Vertical, to_plan
@@ -54,6 +54,12 @@ def seed_layout(plan: Plan, graph: Graph, cluster: Cluster) -> Vertical | None:
     return Vertical(tuple(cuts), tuple(names.index(d) for d in devices + unused))
 
 
+def objectives_for(pick: Pick) -> tuple[Objective, ...]:
+    """What the re-planning search minimises to pick by `pick`: latency and memory, and the picked one."""
+    extra = {Pick.THROUGHPUT: Objective.THROUGHPUT, Pick.ENERGY: Objective.ENERGY}.get(pick)
+    return (Objective.LATENCY, Objective.MEMORY) + ((extra,) if extra else ())
+
+
 class Replanner:
     """plan, lost devices -> the plan for the survivors: NSGA-II over their layouts (`front.run_search`, seeded with
     the current plan and the baselines), the point `pick` chooses; one device left takes the whole model."""
@@ -70,16 +76,18 @@ class Replanner:
         given = dict(profiles or {})
         self.profiles = given | {t: profile(graph, t, dims=self.dims) for t in sorted(kinds - set(given))}
         self.why = ""  # why the last plan's point was picked
+        self.costs: Costs | None = None  # the last plan's predicted costs (None: one device left, no search)
 
     def __call__(self, plan: Plan, lost: Collection[str]) -> Plan:
         cluster = survivors(plan.cluster, lost)
         front.check_fits(self.graph, cluster)
         if len(cluster.devices) == 1:
             self.why = "one device left: it takes the whole model"
+            self.costs = None
             return to_plan(self.graph, cluster, Vertical((), (0,)), None, self.dims)
         model = CostModel(self.graph, cluster, self.profiles, self.overheads)
         seeds = [s for s in (seed_layout(plan, self.graph, cluster),) if s is not None]
         result, _, chosen, self.why = front.run_search(model, self.objectives, self.population, self.generations,
                                                        self.seed, self.pick, seeds=seeds)
-        layout = result.front[chosen].layout
+        layout, self.costs = result.front[chosen].layout, result.front[chosen].costs
         return to_plan(self.graph, cluster, layout, model.splits if layout.horizontal else None, self.dims)
