@@ -56,6 +56,18 @@ def test_profile_is_cached_beside_the_model_and_checked(resnet, zoo_dir):
         check_profile(p, graph, 2, "x.json")
 
 
+def test_a_whole_model_time_measured_slow_once_does_not_slow_the_profile(resnet, monkeypatch):
+    """The whole model is timed before and after the profiled runs; the faster decides the layers' scale."""
+    from edgesplit.search import profile as profiling
+
+    graph, _ = resnet
+    times = iter([0.5, 0.01])  # a cold or busy moment first, then the model's real time
+    monkeypatch.setattr(profiling, "_whole_seconds", lambda *args: next(times))
+    p = profiling.measure(graph, 1, repeats=2, dims=BATCH)
+    assert p.whole_seconds == 0.01
+    assert sum(p.layer_seconds) == pytest.approx(0.01 - p.call_seconds, rel=1e-6)
+
+
 def test_wire_bytes_and_received_bytes_match_the_cut_plan(resnet):
     graph, profiles = resnet
     cluster = Cluster.load(MIXED)
