@@ -237,7 +237,7 @@ def _device_problems(d: Device) -> list[str]:
 
 def describe_link(link: Link) -> str:
     """A link as a person writes it: "100 Mbit/s, 2 ms"."""
-    return f"{link.bandwidth * 8 / 1e6:g} Mbit/s, {link.latency * 1e3:g} ms"
+    return f"{link.bandwidth * 8 / 1e6:.4g} Mbit/s, {link.latency * 1e3:.4g} ms"
 
 
 def _kind(x: Any) -> str:
