@@ -86,6 +86,7 @@ def test_each_device_is_profiled_on_itself_and_every_pair_of_links_measured(ray_
         assert p.device == name and p.model_sha256 == small.sha256 and len(p.layer_seconds) == len(small.layers)
         assert sum(p.layer_seconds) == pytest.approx(p.whole_seconds - p.call_seconds, rel=1e-6)
     assert profiles["dev1"].threads == 2 and profiles["dev0"].threads == 1
+    assert not profiles["dev0"].machine.startswith(" ") and "cores)" in profiles["dev0"].machine
     assert sorted(links) == [("dev0", "dev1"), ("dev0", "dev2"), ("dev1", "dev2")]
     assert all(0 < link.latency < 0.1 and link.bandwidth > 1e6 for link in links.values())
     measured = measured_cluster(cluster, links)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from edgesplit.bench.harness import machine as host_machine
 from edgesplit.bench.harness import median_seconds
 from edgesplit.cluster import Device
 from edgesplit.errors import InputError
@@ -149,7 +149,7 @@ def measure(graph: Graph, threads: int, repeats: int = 10, on_step: Callable[[],
     call = _call_seconds(threads, repeats * 20)
     # the profiler's own cost and the unfused graph inflate the sum; stages run optimised
     scale = max(whole - call, 1e-9) / raw.sum() if raw.sum() > 0 else 0.0
-    machine = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    machine = f"{host_machine()['cpu']} ({os.cpu_count()} cores)"
     runtime, loaded, ran = _memory(model, feeds)
     weights = max(graph.total_param_bytes, 1)
     peak = max(float(live_bytes(graph).max(initial=0.0)), 1.0)
