@@ -99,24 +99,24 @@ def send_tensor(sock: socket.socket, xid: int, index: int, name: str, array: np.
 
 
 def recv_tensor(sock: socket.socket) -> tuple[int, int, str, np.ndarray]:
-    xid, index, ndtype, ndim, nlabel = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    rest = _recv_exact(sock, ndtype + nlabel + 8 * ndim)
+    xid, index, ndtype, ndim, nlabel = _HEADER.unpack(recv_exact(sock, _HEADER.size))
+    rest = recv_exact(sock, ndtype + nlabel + 8 * ndim)
     dtype = np.dtype(rest[:ndtype].decode())
     name = rest[ndtype:ndtype + nlabel].decode()
     shape = struct.unpack(f"<{ndim}q", rest[ndtype + nlabel:])
     array = np.empty(shape, dtype=dtype)
     if array.nbytes:
-        _recv_into(sock, memoryview(array).cast("B"))
+        recv_into(sock, memoryview(array).cast("B"))
     return xid, index, name, array
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
-    _recv_into(sock, memoryview(buf))
+    recv_into(sock, memoryview(buf))
     return bytes(buf)
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
+def recv_into(sock: socket.socket, view: memoryview) -> None:
     got = 0
     while got < len(view):
         n = sock.recv_into(view[got:])
@@ -125,7 +125,7 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _fast(sock: socket.socket) -> socket.socket:
+def no_delay(sock: socket.socket) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
@@ -167,7 +167,7 @@ class PeerNode:
             for device, (host, port, secret) in peers.items():
                 if device == self.device:
                     continue
-                sock = _fast(socket.create_connection((host, port), timeout=10.0))
+                sock = no_delay(socket.create_connection((host, port), timeout=10.0))
                 sock.settimeout(None)
                 label = self.device.encode()
                 sock.sendall(secret + _NAME.pack(len(label)) + label)
@@ -186,16 +186,16 @@ class PeerNode:
                 conn, _ = self._listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._read, args=(_fast(conn),), daemon=True).start()
+            threading.Thread(target=self._read, args=(no_delay(conn),), daemon=True).start()
 
     def _read(self, conn: socket.socket) -> None:
         try:
-            offered = _recv_exact(conn, HANDSHAKE)
+            offered = recv_exact(conn, HANDSHAKE)
             if not hmac.compare_digest(offered, self.secret):
                 conn.close()  # not a device of this mesh
                 return
-            (n,) = _NAME.unpack(_recv_exact(conn, _NAME.size))
-            peer = _recv_exact(conn, n).decode()
+            (n,) = _NAME.unpack(recv_exact(conn, _NAME.size))
+            peer = recv_exact(conn, n).decode()
         except (OSError, ConnectionError):
             conn.close()
             return

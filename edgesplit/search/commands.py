@@ -113,19 +113,19 @@ def profile_command(model: Path, devices: int | None, cluster: Path | None, dims
 def _on_devices(graph, cluster, address: str, dims, repeats: int, links_out: Path):
     """Profiles measured on the devices and the cluster with its measured links, both written; prints the links."""
     import json
-    import os
 
+    import yaml
     from rich.progress import Progress
     from rich.table import Table
 
     from edgesplit.cli import console, err_console
     from edgesplit.cluster import describe_link
-    from edgesplit.errors import InputError
+    from edgesplit.files import check_new_file, replace_files
     from edgesplit.search.profile import device_profile_path
     from edgesplit.search.remote import measure_on_devices, measured_cluster
 
-    if links_out.exists() and not links_out.is_file():
-        raise InputError(f"--links: expected a file to write the measured cluster to, got the directory {links_out}")
+    check_new_file(links_out, "--links")
+    paths = {d: device_profile_path(graph, d, dims) for d in cluster.names}  # the model was loaded from a file
     k = len(cluster.devices)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("profiling on the devices, then their links", total=k + k * (k - 1) // 2)
@@ -138,24 +138,13 @@ def _on_devices(graph, cluster, address: str, dims, repeats: int, links_out: Pat
     for (a, b), link in links.items():
         table.add_row(f"{a} - {b}", describe_link(cluster.link(a, b)), describe_link(link))
     console.print(table)
-    written = []
-    for name, p in found.items():
-        path = device_profile_path(graph, name, dims)
-        if path is None:
-            raise InputError("the model was not loaded from a file; nowhere to write its profiles")
-        written.append((path, json.dumps(p.to_dict())))
-    for path, text in written + [(links_out, None)]:
-        partial = path.with_name(path.name + ".partial")
-        if text is None:
-            measured.save(partial)
-        else:
-            partial.write_text(text)
-        os.replace(partial, path)
-    for path, _ in written:
+    replace_files(Path(graph.path).parent, {paths[d].name: json.dumps(p.to_dict()).encode() for d, p in found.items()})
+    replace_files(links_out.parent, {links_out.name: yaml.safe_dump(measured.to_dict(), sort_keys=False).encode()})
+    for path in paths.values():
         console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {links_out} (the cluster with its measured links); search with them:\n  edgesplit search "
-                  f"{graph.path} --cluster {links_out} " + " ".join(f"--profile {p}" for p, _ in written) + " -o OUT",
-                  markup=False, highlight=False, soft_wrap=True)
+                  f"{graph.path} --cluster {links_out} " + " ".join(f"--profile {p}" for p in paths.values())
+                  + " -o OUT", markup=False, highlight=False, soft_wrap=True)
     return found, measured
 
 

@@ -78,21 +78,21 @@ def threads_of(cores: int) -> int:
 
 
 def cache_path(graph: Graph, threads: int, dims: Mapping[str, int] | None = None) -> Path | None:
-    if not graph.path:
-        return None
-    model = Path(graph.path)
-    sizes = "".join(f"-{k}{v}" for k, v in sorted((dims or {}).items()))
-    return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-{kind(threads)}{sizes}.json")
+    """Where the profile of a kind is cached, beside the model (None: the model is not a file)."""
+    return _beside(graph, kind(threads), dims)
 
 
 def device_profile_path(graph: Graph, device: str, dims: Mapping[str, int] | None = None) -> Path | None:
     """Where the profile measured on `device` is written, beside the model (None: the model is not a file)."""
+    return _beside(graph, "on-" + re.sub(r"[^A-Za-z0-9._-]", "_", device), dims)
+
+
+def _beside(graph: Graph, tag: str, dims: Mapping[str, int] | None) -> Path | None:
     if not graph.path:
         return None
     model = Path(graph.path)
     sizes = "".join(f"-{k}{v}" for k, v in sorted((dims or {}).items()))
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", device)
-    return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-on-{safe}{sizes}.json")
+    return model.with_name(f"{model.name}.profile-{graph.sha256[:12]}-{tag}{sizes}.json")
 
 
 def profile(graph: Graph, threads: int, repeats: int = 10, use_cache: bool = True,

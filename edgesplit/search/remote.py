@@ -26,6 +26,7 @@ import ray
 from edgesplit.cluster import Cluster, Link
 from edgesplit.errors import ClusterError
 from edgesplit.graph import Graph
+from edgesplit.runtime.peer import no_delay, recv_exact, recv_into
 from edgesplit.search.profile import Profile, measure, threads_of
 
 __all__ = ["DeviceProbe", "ProbeServer", "measure_link", "measure_on_devices", "measured_cluster"]
@@ -64,27 +65,27 @@ class ProbeServer:
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
-        with conn:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not hmac.compare_digest(_read(conn, SECRET), self.secret):
+        with no_delay(conn):
+            try:
+                if not hmac.compare_digest(recv_exact(conn, SECRET), self.secret):
+                    return
+                buf = bytearray(FIRST_BULK)
+                while True:
+                    n, reply = HEADER.unpack(recv_exact(conn, HEADER.size))
+                    if n > MAX_BULK:
+                        return
+                    if n > len(buf):
+                        buf = bytearray(n)
+                    recv_into(conn, memoryview(buf)[:n])
+                    conn.sendall(bytes(reply))
+            except ConnectionError:  # the prober is done, or went away
                 return
-            buf = bytearray(FIRST_BULK)
-            while len(head := _read(conn, HEADER.size)) == HEADER.size:
-                n, reply = HEADER.unpack(head)
-                if n > MAX_BULK:
-                    return
-                if n > len(buf):
-                    buf = bytearray(n)
-                if _read_into(conn, memoryview(buf)[:n]) < n:
-                    return
-                conn.sendall(bytes(reply))
 
 
 def measure_link(peer: tuple[str, int, bytes], timeout: float = 120.0) -> Link:
     """The link from here to a `ProbeServer` at `peer` (host, port, secret)."""
     host, port, secret = peer
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with no_delay(socket.create_connection((host, port), timeout=timeout)) as sock:
         sock.sendall(secret)
         rtt = statistics.median([_exchange(sock, b"\0") for _ in range(PINGS)][5:])
         size = FIRST_BULK
@@ -120,29 +121,12 @@ class DeviceProbe:
         return measure_link(peer)
 
 
-def _read(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    return bytes(buf[:_read_into(sock, memoryview(buf))])
-
-
-def _read_into(sock: socket.socket, view: memoryview) -> int:
-    """Bytes read into `view`: all of it, or fewer when the other end closed."""
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            break
-        got += n
-    return got
-
-
 def _exchange(sock: socket.socket, payload: bytes) -> float:
     """Seconds from sending `payload` to the peer's one-byte answer."""
     start = time.perf_counter()
     sock.sendall(HEADER.pack(len(payload), 1))
     sock.sendall(payload)
-    if len(_read(sock, 1)) != 1:
-        raise ConnectionError("the peer's probe closed the connection")
+    recv_exact(sock, 1)
     return time.perf_counter() - start
 
 
